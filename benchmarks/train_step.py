@@ -76,7 +76,23 @@ def build(variant: str):
     return cfg, model, step_loss
 
 
+def sdpa_backends(variant: str):
+    """`-cudnn` / `-flash` suffixes pin the attention kernel; otherwise PyTorch's own choice."""
+    from torch.nn.attention import SDPBackend
+    if variant.endswith("-cudnn"):
+        return [SDPBackend.CUDNN_ATTENTION]
+    if variant.endswith("-flash"):
+        return [SDPBackend.FLASH_ATTENTION]
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def run(variant: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
+    from torch.nn.attention import sdpa_kernel
+    with sdpa_kernel(sdpa_backends(variant)):
+        return run_variant(variant, batch, seq, steps, warmup)
+
+
+def run_variant(variant: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     cfg, model, step_loss = build(variant)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)

@@ -15,6 +15,7 @@ import sys
 STAGES = [
     "omnigpt.tokenizer.commands",
     "omnigpt.model.commands",
+    "omnigpt.interop.commands",
     "omnigpt.infer.commands",
 ]
 
