@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import math
 import time
 
-import torch
+# Each variant compiles afresh: a cached graph keeps the attention kernel chosen when it was traced.
+os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
 
-from omnigpt.config import small, small_moe
-from omnigpt.model.moe import expert_mlp_grouped, expert_mlp_loop
-from omnigpt.model.transformer import Transformer
+import torch  # noqa: E402
+
+from omnigpt.config import small, small_moe  # noqa: E402
+from omnigpt.model.moe import expert_mlp_grouped, expert_mlp_loop  # noqa: E402
+from omnigpt.model.transformer import Transformer, prefer_cudnn_attention  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -86,8 +90,31 @@ def sdpa_backends(variant: str):
     return [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def time_attention(batch: int, seq: int, heads: int = 12, head_dim: int = 64) -> dict[str, float]:
+    """Causal SDPA forward+backward alone, per kernel: TFLOP/s counting the full T x T square (as MFU does)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+    q, k, v = (torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    flops = 3 * 4 * batch * heads * seq * seq * head_dim  # fwd (2 matmuls) + bwd (2x)
+    out = {}
+    for name, backend in [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)]:
+        try:
+            with sdpa_kernel([backend]):
+                for i in range(13):
+                    if i == 3:
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+                torch.cuda.synchronize()
+            out[name] = round(flops * 10 / (time.perf_counter() - t0) / 1e12, 1)
+        except RuntimeError as e:
+            out[name] = f"unavailable: {str(e)[:80]}"
+    return out
+
+
 def run(variant: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
     from torch.nn.attention import sdpa_kernel
+    torch._dynamo.reset()  # else a compiled graph from the previous variant (other kernel choice) is reused
     with sdpa_kernel(sdpa_backends(variant)):
         return run_variant(variant, batch, seq, steps, warmup)
 
@@ -144,6 +171,7 @@ def main():
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} transformers {transformers.__version__} "
           f"B={args.batch} T={args.seq}")
     print(f"grouped_mm vs float64 per-expert loop: max rel err {check_grouped_mm():.2e}")
+    print(f"causal attention fwd+bwd TFLOP/s (B={args.batch}, H=12, T={args.seq}, hd=64): {time_attention(args.batch, args.seq)}")
     rows, base = [], {}
     for v in args.variants.split(","):
         try:
