@@ -14,6 +14,7 @@ import sys
 # (module, what it adds) in data-path order.
 STAGES = [
     "omnigpt.tokenizer.commands",
+    "omnigpt.data.commands",
     "omnigpt.model.commands",
     "omnigpt.interop.commands",
     "omnigpt.infer.commands",
