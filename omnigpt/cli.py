@@ -16,8 +16,10 @@ STAGES = [
     "omnigpt.tokenizer.commands",
     "omnigpt.data.commands",
     "omnigpt.model.commands",
+    "omnigpt.train.commands",
     "omnigpt.interop.commands",
     "omnigpt.infer.commands",
+    "omnigpt.speedrun",
 ]
 
 
