@@ -20,6 +20,7 @@ STAGES = [
     "omnigpt.interop.commands",
     "omnigpt.infer.commands",
     "omnigpt.speedrun",
+    "omnigpt.serve.commands",
 ]
 
 
