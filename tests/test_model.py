@@ -185,3 +185,18 @@ def test_flops_formula():
     cfg = ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=64)
     n = 2 * (4 * 32 * 32) + 2 * (3 * 32 * 64) + 100 * 32
     assert cfg.flops_per_token(10) == 6 * n + 12 * 2 * 4 * 8 * 10
+
+
+def test_fixed_read_length_matches_dynamic():
+    """CUDA graphs read the cache at a fixed length; masked extra slots must not change the logits."""
+    cfg = CONFIGS["moe"]
+    model = make(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 10))
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]])
+    dynamic, fixed = KVCache(cfg, 2, 40), KVCache(cfg, 2, 40)
+    fixed.read_len = 40
+    a = model(ids, pos_BT=pos, cache=dynamic).logits
+    b = model(ids, pos_BT=pos, cache=fixed).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    nxt, p = torch.tensor([[3], [4]]), torch.tensor([[10], [10]])
+    torch.testing.assert_close(model(nxt, pos_BT=p, cache=dynamic).logits, model(nxt, pos_BT=p, cache=fixed).logits, atol=1e-5, rtol=1e-5)

@@ -77,6 +77,9 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
+        # Slots attention reads. None: up to the furthest position in the batch (a host sync per layer);
+        # a fixed number keeps shapes static, which CUDA graphs and torch.compile need.
+        self.read_len: int | None = None
 
     def write(self, layer: int, pos_BT: torch.Tensor, k_BTGh: torch.Tensor, v_BTGh: torch.Tensor):
         rows = torch.arange(pos_BT.shape[0], device=pos_BT.device).unsqueeze(1)
@@ -138,7 +141,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             cache.write(layer, pos_BT, k, v)
-            length = int(pos_BT.max()) + 1
+            length = getattr(cache, "read_len", None) or int(pos_BT.max()) + 1
             k, v = cache.read(layer, length)
             k, v = k.to(q.dtype), v.to(q.dtype)
             mask = cache_mask(pos_BT, length)

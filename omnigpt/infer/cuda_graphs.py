@@ -1,0 +1,82 @@
+"""CUDA-graph decoding: one captured decode step per cache-length bucket, replayed for every token.
+
+A decode step of a small model is hundreds of tiny kernels; launched one by one from Python they cost more than
+the math (batch-1 decode is bound by reading the weights once per token). A graph replays them all with one
+launch. Shapes must be static, so the KV cache is read at a fixed length (the bucket) instead of up to the
+furthest position, and the step's inputs live in fixed tensors that are overwritten before each replay.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from omnigpt.model.transformer import KVCache, Transformer
+
+BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+class CudaGraphDecoder:
+    """Greedy-or-sampled decode for `batch_size` rows of a slot KV cache (rows advance independently).
+
+    prefill() runs eagerly; step() replays the graph of the smallest bucket holding every row's position.
+    The cache has one spare slot past max_len: capture-time warm-up writes go there, never into a real slot.
+    """
+
+    def __init__(self, model: Transformer, batch_size: int, max_len: int):
+        w = model.head_weight()
+        self.model, self.max_len = model, max_len
+        self.cache = KVCache(model.cfg, batch_size, max_len + 1, device=w.device, dtype=w.dtype)
+        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=w.device)
+        self.pos = torch.full((batch_size, 1), max_len, dtype=torch.long, device=w.device)
+        self.buckets = [b for b in BUCKETS if b < max_len] + [max_len]
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def prefill(self, tokens_BT: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """Right-padded prompts (row b holds lengths[b] real tokens); returns each row's next-token logits."""
+        B, T = tokens_BT.shape
+        pos = torch.arange(T, device=tokens_BT.device).expand(B, T)
+        logits = self.model(tokens_BT, pos_BT=pos, cache=self.cache).logits
+        return logits[torch.arange(B, device=logits.device), torch.tensor(lengths, device=logits.device) - 1]
+
+    @torch.no_grad()
+    def _capture(self, length: int):
+        self.cache.read_len = length
+        saved = self.pos.clone()
+        self.pos.fill_(self.max_len)  # warm-up and capture write into the spare slot
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # lets lazy initialisation (cuBLAS handles, autotuning) happen outside the graph
+                self.model(self.tokens, pos_BT=self.pos, cache=self.cache)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self.model(self.tokens, pos_BT=self.pos, cache=self.cache).logits[:, -1]
+        self.cache.read_len = None
+        self.pos.copy_(saved)
+        return graph, logits
+
+    def bucket(self, max_pos: int) -> int:
+        return next(b for b in self.buckets if b > max_pos)
+
+    def warm_up(self, max_pos: int) -> None:
+        """Capture every graph that positions up to max_pos will use (capturing writes only the spare slot)."""
+        for length in self.buckets[: self.buckets.index(self.bucket(max_pos)) + 1]:
+            if length not in self.graphs:
+                self.graphs[length] = self._capture(length)
+
+    @torch.no_grad()
+    def step(self, tokens_B: torch.Tensor, pos_B: torch.Tensor, max_pos: int) -> torch.Tensor:
+        """Write tokens_B at positions pos_B and return next-token logits (B, V). max_pos = max(pos_B), known to
+        the caller without a device sync (it counts tokens)."""
+        length = self.bucket(max_pos)
+        if length not in self.graphs:
+            self.graphs[length] = self._capture(length)
+        graph, logits = self.graphs[length]
+        self.cache.read_len = length
+        self.tokens.copy_(tokens_B.view(-1, 1))
+        self.pos.copy_(pos_B.view(-1, 1))
+        graph.replay()
+        self.cache.read_len = None
+        return logits
