@@ -40,7 +40,8 @@ def cmd_generate(args) -> None:
     )
     prompts = [tok.encode(p) for p in args.prompt]
     t0 = time.perf_counter()
-    results = generate(model, prompts, params, eos_ids=(tok.eot_id, tok.im_end_id), decode=tok.decode)
+    results = generate(model, prompts, params, eos_ids=(tok.eot_id, tok.im_end_id), decode=tok.decode,
+                       vocab_size=tok.vocab_size)
     dt = time.perf_counter() - t0
     for prompt, r in zip(args.prompt, results):
         print(f"{prompt}\033[1m{r.text}\033[0m  [{len(r.tokens)} tokens, {r.finish_reason}]")

@@ -36,8 +36,10 @@ def generate(
     *,
     eos_ids: tuple[int, ...] = (),
     decode: Callable[[list[int]], str] | None = None,
+    vocab_size: int | None = None,
 ) -> list[Generation]:
-    """Generate a continuation of each prompt. Stop strings need `decode` (token ids -> text)."""
+    """Generate a continuation of each prompt. Stop strings need `decode` (token ids -> text).
+    `vocab_size` (the tokenizer's) keeps sampling off the padding ids a model's embedding table has past it."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     B = len(prompts)
@@ -79,6 +81,8 @@ def generate(
     texts: list[str | None] = [None] * B
     pos_B = last.clone()
     while not all(finish):
+        if vocab_size is not None and vocab_size < V:
+            logits[:, vocab_size:] = float("-inf")
         logits = apply_penalties(logits, seen, counts, settings["repetition_penalty"], settings["presence_penalty"], settings["frequency_penalty"])
         logits = filter_logits(logits, settings["temperature"], settings["top_k"], settings["top_p"], settings["min_p"])
         next_B = sample(logits, greedy, generators)
