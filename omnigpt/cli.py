@@ -21,6 +21,8 @@ STAGES = [
     "omnigpt.infer.commands",
     "omnigpt.speedrun",
     "omnigpt.serve.commands",
+    "omnigpt.evals.commands",
+    "omnigpt.scaling.commands",
 ]
 
 
