@@ -1,0 +1,132 @@
+"""ShapeBind VQA: accuracy by question type as the number of objects N grows, and caption exact match.
+
+Held-out: evaluation scenes come from their own seed namespace ("eval:<N>:<i>"), never drawn in training. For each
+N and type, `per_type` questions, each from a different scene. Answers are generated greedily (KV cache, images in
+the prefill) and scored by exact match after stripping whitespace. Types: color, shape, count, position
+("horizontally, where is A relative to B?" -> left/right; "vertically" -> above/below), where ("where is A?" ->
+"row r, column c"), list (all objects in reading order), multi (a question about one of two images
+in one turn) and caption (the full grammar caption). Position answers reason first ("column 1 vs column 3: left");
+their final word is scored.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+
+import numpy as np
+import torch
+
+from omnigpt.data import scenes as sb
+from omnigpt.data.vision_samples import Sample, caption_sample, multi_sample, pick_question, scene_qa_sample
+from omnigpt.model.multimodal import VLM, generate_vlm
+from omnigpt.model.vision import normalize
+
+EVAL_TYPES = ("color", "shape", "count", "position", "where", "list", "multi", "caption")
+SHORT_ANSWER_TOKENS = 8
+
+
+@functools.lru_cache(maxsize=None)
+def eval_scene(sid: str, n: int, image_size: int) -> tuple[sb.Scene, np.ndarray]:
+    """A held-out scene and its image (cached: every model evaluated in a process sees the same ones)."""
+    scene = sb.make_scene(sid, n, image_size)
+    return scene, sb.render_array(scene)
+
+
+def eval_samples(tok, image_tokens: int, n: int, per_type: int = 50, image_size: int = 128,
+                 types: tuple[str, ...] = EVAL_TYPES, seed: int = 0) -> list[Sample]:
+    out = []
+    for qtype in types:
+        rng = random.Random(f"eval:{seed}:{n}:{qtype}")
+        got, i = 0, 0
+        while got < per_type and i < 50 * per_type:
+            sid = f"eval{seed}:{n}:{qtype}:{i}"
+            i += 1
+            if qtype == "multi":
+                s = multi_sample(tok, image_tokens, rng, [eval_scene(f"{sid}.{k}", n, image_size) for k in range(2)])
+            elif qtype == "caption":
+                s = caption_sample(tok, image_tokens, *eval_scene(sid, n, image_size))
+            else:
+                scene, image = eval_scene(sid, n, image_size)
+                qa = pick_question(rng, scene, qtype)
+                s = scene_qa_sample(tok, image_tokens, scene, qa, image) if qa else None
+            if s is not None:
+                out.append(s)
+                got += 1
+    return out
+
+
+def final_answer(kind: str, text: str) -> str:
+    """What is scored: position answers reason first ("column 1 vs column 3: left"), their last word is the answer."""
+    return text.rsplit(": ", 1)[-1].strip() if kind == "qa:position" else text.strip()
+
+
+def max_new_tokens(s: Sample) -> int:
+    return 8 * s.n + 16 if s.kind in ("qa:list", "caption") else 16 if s.kind == "qa:position" else SHORT_ANSWER_TOKENS
+
+
+@torch.no_grad()
+def answer_samples(vlm: VLM, tok, samples: list[Sample], batch_size: int = 64) -> list[str]:
+    """Greedy answers, batched among samples of the same kind."""
+    from omnigpt.infer.sampling import SamplingParams
+    from omnigpt.train.vlm import autocast_for, model_device
+
+    device = model_device(vlm)
+    vlm.eval()
+    answers: list[str | None] = [None] * len(samples)
+    by_kind: dict[tuple[str, int], list[int]] = {}
+    for i, s in enumerate(samples):
+        by_kind.setdefault((s.kind, s.n), []).append(i)
+    chunks = [idx[k: k + batch_size] for idx in by_kind.values() for k in range(0, len(idx), batch_size)]
+    for idx in chunks:  # one kind per batch: short answers never wait for a long caption
+        batch = [samples[i] for i in idx]
+        prompts = [s.ids[: s.prompt_len] for s in batch]
+        limit = vlm.cfg.text.max_seq_len - max(map(len, prompts))
+        params = SamplingParams(temperature=0.0, max_new_tokens=max(1, min(limit, max(map(max_new_tokens, batch)))))
+        images = [im for s in batch for im in s.images]
+        pixels = normalize(torch.from_numpy(np.stack(images)).to(device), vlm.cfg.vision) if images else None
+        with autocast_for(device):
+            gens = generate_vlm(vlm, prompts, pixels, params, eos_ids=(tok.im_end_id, tok.eot_id), decode=tok.decode)
+        for i, g in zip(idx, gens):
+            answers[i] = g.text.strip()
+    return answers
+
+
+def eval_vqa(vlm: VLM, tok, n_values=(1, 2, 4, 8, 12, 16), per_type: int = 50, types=EVAL_TYPES,
+             batch_size: int = 64, seed: int = 0, log=print) -> dict:
+    """{"by_n": {N: {type: accuracy}}, "examples": [...a few wrong answers...]}."""
+    image_size = vlm.cfg.vision.image_size
+    by_n, wrong = {}, []
+    for n in n_values:
+        samples = eval_samples(tok, vlm.cfg.image_tokens, n, per_type, image_size, types, seed)
+        answers = answer_samples(vlm, tok, samples, batch_size)
+        scores: dict[str, list[int]] = {}
+        for s, a in zip(samples, answers):
+            t = s.kind.removeprefix("qa:")
+            ok = final_answer(s.kind, a) == final_answer(s.kind, s.answer)
+            scores.setdefault(t, []).append(int(ok))
+            if not ok and len(wrong) < 20:
+                wrong.append({"n": n, "type": t, "prompt": tok.decode(s.ids[: s.prompt_len]).split("<|image_end|>")[-1],
+                              "answer": s.answer, "got": a})
+        by_n[n] = {t: sum(v) / len(v) for t, v in scores.items()}
+        log(f"[eval] N={n}: " + "  ".join(f"{t} {100 * a:.1f}" for t, a in by_n[n].items()))
+    return {"by_n": by_n, "per_type": per_type, "examples": wrong}
+
+
+def format_table(results: dict[str, dict], extra: dict[str, dict] | None = None) -> str:
+    """One table for several models (e.g. {"inline": ..., "cross": ...}): rows (mode, N), columns question types."""
+    types = [t for t in EVAL_TYPES if any(t in r for res in results.values() for r in res["by_n"].values())]
+    head = f"{'mode':<8} {'N':>3}  " + "  ".join(f"{t:>8}" for t in types)
+    lines = [head, "-" * len(head)]
+    for mode, res in results.items():
+        for n, row in res["by_n"].items():
+            lines.append(f"{mode:<8} {n:>3}  " + "  ".join(f"{100 * row[t]:>8.1f}" if t in row else f"{'-':>8}" for t in types))
+    if extra:
+        lines.append("")
+        for mode, info in extra.items():
+            lines.append(f"{mode:<8} " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    return "\n".join(lines)
+
+
+def target_met(res: dict, max_n: int = 4, threshold: float = 0.95, types=("color", "position")) -> bool:
+    return all(res["by_n"][n][t] >= threshold for n in res["by_n"] if n <= max_n for t in types if t in res["by_n"][n])

@@ -1,0 +1,404 @@
+"""Vision-language model: a ViT, a connector and the omnigpt Transformer, fused inline or by gated cross-attention.
+
+Shape legend: B rows, T tokens, D LM width, N images of the batch (rows in order, each row's in order of
+appearance), P patch tokens of an image, V vision width, L tokens an image becomes, M images of a row (padded),
+Q = M*L media tokens of a row.
+
+inline (KOSMOS-1 / LLaVA): an image is `<|image_start|>` + L x `<|image|>` + `<|image_end|>` in the text; the L
+    placeholder embeddings are replaced by the connector's L output vectors (an MLP over patches, optionally
+    pixel-shuffled s x s -> one token, or a Perceiver resampler to L latents) and the LM runs on `embeds_BTD`.
+    Targets that are `<|image|>` placeholders are never learned: loss on text only.
+cross (Flamingo): an image is one `<|image|>` token in the text. A Perceiver resampler turns it into L latents,
+    and a gated cross-attention block runs before every `cross_every`-th LM layer: each token attends to the latents
+    of the images at or before its position. Its outputs are scaled by tanh(gate), gates start at 0, so at
+    initialisation the VLM computes exactly what the LM alone computes. The blocks are attached with forward
+    pre-hooks on the LM's layers, so the LM's own weights, names and forward (KV cache included) are untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from omnigpt.config import ModelConfig
+from omnigpt.model.transformer import ModelOutput, RMSNorm, SwiGLU, Transformer
+from omnigpt.model.vision import ViT, VisionConfig
+
+IGNORE = -100
+
+
+@dataclass
+class VLMConfig:
+    vision: VisionConfig
+    text: ModelConfig
+    image_id: int  # the tokenizer's <|image|> placeholder id
+    fusion: str = "inline"  # inline | cross
+    connector: str = "mlp"  # inline only: mlp | resampler (cross always resamples)
+    pixel_shuffle: int = 1  # mlp connector: s x s neighbouring patches become one token (s^2 fewer tokens)
+    n_latents: int = 16  # resampler: tokens per image
+    resampler_layers: int = 2
+    resampler_heads: int = 4
+    cross_every: int = 1  # cross: a gated cross-attention block before layers 0, n, 2n, ...
+    feature_layer: int = -1  # vision block whose output feeds the connector (-2: the penultimate, as LLaVA)
+    pos2d: bool = True  # add a fixed 2-D sin-cos (row, column) embedding to the patch features before the connector
+
+    def __post_init__(self):
+        if isinstance(self.vision, dict):
+            self.vision = VisionConfig.from_dict(self.vision)
+        if isinstance(self.text, dict):
+            self.text = ModelConfig.from_dict(self.text)
+        if self.fusion not in ("inline", "cross"):
+            raise ValueError(f"invalid VLMConfig: fusion={self.fusion!r}; choose inline or cross")
+        if self.connector not in ("mlp", "resampler"):
+            raise ValueError(f"invalid VLMConfig: connector={self.connector!r}; choose mlp or resampler")
+        if self.uses_resampler and self.pixel_shuffle != 1:
+            raise ValueError("invalid VLMConfig: pixel_shuffle applies to the mlp connector of inline fusion only")
+        if self.vision.grid % self.pixel_shuffle:
+            raise ValueError(f"invalid VLMConfig: patch grid {self.vision.grid} is not divisible by pixel_shuffle={self.pixel_shuffle}")
+        if not 0 <= self.image_id < self.text.vocab_size:
+            raise ValueError(f"invalid VLMConfig: image_id={self.image_id} is outside the vocabulary of {self.text.vocab_size}")
+        if self.cross_every < 1 or self.n_latents < 1:
+            raise ValueError("invalid VLMConfig: cross_every and n_latents must be >= 1")
+
+    @property
+    def uses_resampler(self) -> bool:
+        return self.fusion == "cross" or self.connector == "resampler"
+
+    @property
+    def tokens_per_image(self) -> int:
+        """L: vectors an image becomes (inline: spliced into the text; cross: attended to)."""
+        return self.n_latents if self.uses_resampler else (self.vision.grid // self.pixel_shuffle) ** 2
+
+    @property
+    def image_tokens(self) -> int:
+        """`<|image|>` placeholders per image in the text (what render_chat's image_tokens should be)."""
+        return self.tokens_per_image if self.fusion == "inline" else 1
+
+    def cross_layers(self) -> list[int]:
+        return list(range(0, self.text.n_layers, self.cross_every)) if self.fusion == "cross" else []
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VLMConfig:
+        return cls(**d)
+
+
+# ---- connectors --------------------------------------------------------------------------------------------------
+def pixel_shuffle(x_BPV: torch.Tensor, grid: tuple[int, int], s: int) -> torch.Tensor:
+    """(B, gh*gw, V) -> (B, gh*gw/s^2, s^2*V): each s x s block of neighbouring patches becomes one token."""
+    if s == 1:
+        return x_BPV
+    B, _, V = x_BPV.shape
+    gh, gw = grid
+    x = x_BPV.view(B, gh // s, s, gw // s, s, V).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, (gh // s) * (gw // s), s * s * V)
+
+
+def sincos_2d(gh: int, gw: int, dim: int, device=None) -> torch.Tensor:
+    """(gh*gw, dim) fixed embedding: a quarter of the dims sin/cos of the row, a quarter of the column, rest 0."""
+    q = dim // 4
+    freqs = 1.0 / (100.0 ** (torch.arange(q, device=device, dtype=torch.float32) / max(1, q)))
+    rows = torch.arange(gh, device=device, dtype=torch.float32).repeat_interleave(gw)
+    cols = torch.arange(gw, device=device, dtype=torch.float32).repeat(gh)
+    out = torch.zeros(gh * gw, dim, device=device)
+    for k, pos in enumerate((rows, cols)):
+        angles = pos[:, None] * freqs[None, :]
+        out[:, 2 * k * q: (2 * k + 1) * q] = angles.sin()
+        out[:, (2 * k + 1) * q: (2 * k + 2) * q] = angles.cos()
+    return out
+
+
+class MLPConnector(nn.Module):
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d_in, d_out), nn.Linear(d_out, d_out)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class CrossAttention(nn.Module):
+    """Queries from x, keys and values from a context; multi-head, SDPA."""
+
+    def __init__(self, d: int, n_heads: int, d_ctx: int | None = None):
+        super().__init__()
+        self.n_heads = n_heads
+        self.q = nn.Linear(d, d, bias=False)
+        self.kv = nn.Linear(d_ctx or d, 2 * d, bias=False)
+        self.out = nn.Linear(d, d, bias=False)
+
+    def forward(self, x_BTD, ctx_BSD, mask_BTS=None):
+        B, T, D = x_BTD.shape
+        K, h = self.n_heads, D // self.n_heads
+        q = self.q(x_BTD).view(B, T, K, h).transpose(1, 2)
+        k, v = self.kv(ctx_BSD).view(B, -1, 2, K, h).permute(2, 0, 3, 1, 4)
+        mask = None if mask_BTS is None else mask_BTS.unsqueeze(1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+class ResamplerLayer(nn.Module):
+    def __init__(self, d: int, n_heads: int):
+        super().__init__()
+        self.norm_x, self.norm_l = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = CrossAttention(d, n_heads)
+        self.mlp_norm, self.mlp = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, lat_NLD, x_NPD):
+        lat_n = self.norm_l(lat_NLD)
+        lat_NLD = lat_NLD + self.attn(lat_n, torch.cat([self.norm_x(x_NPD), lat_n], dim=1))  # Flamingo: kv = [x; latents]
+        return lat_NLD + self.mlp(self.mlp_norm(lat_NLD))
+
+
+class Resampler(nn.Module):
+    """Perceiver resampler (Flamingo): L learned latents cross-attend to an image's patch tokens -> (N, L, d_out)."""
+
+    def __init__(self, d_in: int, d_out: int, n_latents: int, n_layers: int, n_heads: int):
+        super().__init__()
+        self.proj_in = nn.Linear(d_in, d_out)
+        self.latents = nn.Parameter(torch.randn(n_latents, d_out) * 0.02)
+        self.layers = nn.ModuleList(ResamplerLayer(d_out, n_heads) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d_out)
+
+    def forward(self, x_NPV):
+        x_NPD = self.proj_in(x_NPV)
+        lat_NLD = self.latents.expand(x_NPD.shape[0], -1, -1).to(x_NPD.dtype)
+        for layer in self.layers:
+            lat_NLD = layer(lat_NLD, x_NPD)
+        return self.norm(lat_NLD)
+
+
+class GatedCrossBlock(nn.Module):
+    """Flamingo's GATED XATTN-DENSE: x += tanh(a) * xattn(x, media); x += tanh(b) * ffw(x); a = b = 0 at init."""
+
+    def __init__(self, cfg: ModelConfig, n_heads: int):
+        super().__init__()
+        d = cfg.d_model
+        self.attn_norm, self.attn = RMSNorm(d, cfg.norm_eps), CrossAttention(d, n_heads)
+        self.mlp_norm, self.mlp = RMSNorm(d, cfg.norm_eps), SwiGLU(d, cfg.d_ff)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.mlp_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x_BTD, media: MediaContext | None):
+        if media is not None:
+            # a token that sees no image would attend over nothing (NaN): let it see all, then zero its output
+            mask = media.visible_BTQ | ~media.any_BT1
+            y = self.attn(self.attn_norm(x_BTD), media.media_BQD.to(x_BTD.dtype), mask) * media.any_BT1
+            x_BTD = x_BTD + torch.tanh(self.attn_gate).to(x_BTD.dtype) * y
+        return x_BTD + torch.tanh(self.mlp_gate).to(x_BTD.dtype) * self.mlp(self.mlp_norm(x_BTD))
+
+
+@dataclass
+class MediaContext:
+    media_BQD: torch.Tensor  # each row's image latents, images padded to M
+    visible_BTQ: torch.Tensor  # bool: token t may attend to media token q
+    any_BT1: torch.Tensor  # bool: token t sees at least one image
+
+
+def image_positions(ids_BT: torch.Tensor, image_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each image sits: (row_N, slot_N (index of the image in its row), pos_N (its token's column))."""
+    rows, cols = (ids_BT == image_id).nonzero(as_tuple=True)  # row-major: images in order
+    counts = torch.bincount(rows, minlength=ids_BT.shape[0])
+    starts = torch.cumsum(counts, 0) - counts
+    slots = torch.arange(len(rows), device=ids_BT.device) - starts[rows]
+    return rows, slots, cols
+
+
+def row_media(ids_BT: torch.Tensor, feats_NLD: torch.Tensor, image_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images gathered per row: media (B, M*L, D) and each image's token position img_pos (B, M), padding at +inf."""
+    rows, slots, cols = image_positions(ids_BT, image_id)
+    if len(rows) != len(feats_NLD):
+        raise ValueError(f"{len(rows)} <|image|> tokens in the text but {len(feats_NLD)} images")
+    B, (N, L, D) = ids_BT.shape[0], feats_NLD.shape
+    M = int(slots.max()) + 1 if N else 0
+    media = feats_NLD.new_zeros(B, M, L, D)
+    media[rows, slots] = feats_NLD
+    img_pos = torch.full((B, M), torch.iinfo(torch.long).max, dtype=torch.long, device=ids_BT.device)
+    img_pos[rows, slots] = cols
+    return media.view(B, M * L, D), img_pos
+
+
+def media_context(media_BQD: torch.Tensor, img_pos_BM: torch.Tensor, pos_BT: torch.Tensor, L: int) -> MediaContext:
+    """Token at position p sees the latents of every image whose token is at a position <= p."""
+    visible_BTM = img_pos_BM.unsqueeze(1) <= pos_BT.unsqueeze(-1)
+    visible_BTQ = visible_BTM.repeat_interleave(L, dim=-1)
+    return MediaContext(media_BQD, visible_BTQ, visible_BTM.any(-1, keepdim=True))
+
+
+def splice(x_BTD: torch.Tensor, ids_BT: torch.Tensor, feats_NLD: torch.Tensor, image_id: int) -> torch.Tensor:
+    """Replace the `<|image|>` embeddings, in order, by the images' vectors (inline fusion)."""
+    where_BT = ids_BT == image_id
+    n, (N, L, _) = int(where_BT.sum()), feats_NLD.shape
+    if n != N * L:
+        raise ValueError(f"{n} <|image|> placeholders in the text but {N} images x {L} tokens each = {N * L}")
+    return x_BTD.masked_scatter(where_BT.unsqueeze(-1), feats_NLD.to(x_BTD.dtype))
+
+
+def text_only_targets(targets_BT: torch.Tensor | None, image_id: int) -> torch.Tensor | None:
+    return None if targets_BT is None else targets_BT.masked_fill(targets_BT == image_id, IGNORE)
+
+
+# ---- the model ---------------------------------------------------------------------------------------------------
+class CrossHook:
+    """Forward pre-hook on an LM layer: runs a gated cross-attention block on the layer's input first. An object
+    (not a closure), so that copy.deepcopy(vlm) gives hooks bound to the copy's blocks and media."""
+
+    def __init__(self, block: GatedCrossBlock, media: dict):
+        self.block, self.media = block, media
+
+    def __call__(self, layer, args):
+        # the Transformer calls each layer as layer(x, cos, sin, mask, cache, pos_BT): rewrite x only
+        return (self.block(args[0], self.media["now"]),) + tuple(args[1:])
+
+
+class VLM(nn.Module):
+    def __init__(self, cfg: VLMConfig, vision: ViT | None = None, lm: Transformer | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = vision if vision is not None else ViT(cfg.vision)
+        self.lm = lm if lm is not None else Transformer(cfg.text)
+        V, D = cfg.vision.d_model, cfg.text.d_model
+        if cfg.uses_resampler:
+            self.connector = Resampler(V, D, cfg.n_latents, cfg.resampler_layers, cfg.resampler_heads)
+        else:
+            self.connector = MLPConnector(V * cfg.pixel_shuffle ** 2, D)
+        self.xattn = nn.ModuleDict({str(i): GatedCrossBlock(cfg.text, cfg.text.n_heads) for i in cfg.cross_layers()})
+        self._media = {"now": None}  # what the cross-attention blocks see during the current LM call
+        for i in cfg.cross_layers():
+            self.lm.layers[i].register_forward_pre_hook(CrossHook(self.xattn[str(i)], self._media))
+
+    @contextlib.contextmanager
+    def attending(self, media: MediaContext | None):
+        """Make `media` what the cross-attention blocks see during LM calls inside this block."""
+        self._media["now"] = media
+        try:
+            yield
+        finally:
+            self._media["now"] = None
+
+    def encode_images(self, pixels_NCHW: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) normalised pixels -> (N, L, D) vectors in the LM's width."""
+        tokens, grid = self.vision.patch_tokens(pixels_NCHW, self.cfg.feature_layer)
+        if self.cfg.pos2d:  # where each patch is, explicitly: left/right/above/below questions compare these
+            tokens = tokens + sincos_2d(*grid, tokens.shape[-1], tokens.device).to(tokens.dtype)
+        if not self.cfg.uses_resampler:
+            tokens = pixel_shuffle(tokens, grid, self.cfg.pixel_shuffle)
+        return self.connector(tokens)
+
+    def forward(self, ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
+                pixels_NCHW: torch.Tensor | None = None) -> ModelOutput:
+        """Next-token logits and, given targets, the text-only loss. Images, in order of their placeholders."""
+        feats = self.encode_images(pixels_NCHW) if pixels_NCHW is not None and len(pixels_NCHW) else None
+        targets_BT = text_only_targets(targets_BT, self.cfg.image_id)
+        if self.cfg.fusion == "inline":
+            x_BTD = self.lm.embed(ids_BT)
+            if feats is not None:
+                x_BTD = splice(x_BTD, ids_BT, feats, self.cfg.image_id)
+            elif bool((ids_BT == self.cfg.image_id).any()):
+                raise ValueError("the text has <|image|> placeholders but no images were given")
+            return self.lm(None, targets_BT, embeds_BTD=x_BTD)
+        media = None
+        if feats is not None:
+            media_BQD, img_pos_BM = row_media(ids_BT, feats, self.cfg.image_id)
+            pos_BT = torch.arange(ids_BT.shape[1], device=ids_BT.device).expand_as(ids_BT)
+            media = media_context(media_BQD, img_pos_BM, pos_BT, self.cfg.tokens_per_image)
+        with self.attending(media):
+            return self.lm(ids_BT, targets_BT)
+
+    # -- training helpers ------------------------------------------------------------------------------------
+    def parts(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by part, for staged training: vision, connector (resampler, cross-attention blocks too), lm."""
+        return {"vision": list(self.vision.parameters()),
+                "connector": list(self.connector.parameters()) + list(self.xattn.parameters()),
+                "lm": list(self.lm.parameters())}
+
+    def set_trainable(self, parts: tuple[str, ...]) -> None:
+        unknown = set(parts) - {"vision", "connector", "lm"}
+        if unknown:
+            raise ValueError(f"unknown parts {sorted(unknown)}: choose from vision, connector, lm")
+        for name, params in self.parts().items():
+            for p in params:
+                p.requires_grad_(name in parts)
+
+
+# ---- generation --------------------------------------------------------------------------------------------------
+class _ImagePrompted:
+    """Looks like a Transformer to `omnigpt.infer.generate`: the prefill sees the images (spliced inline, or as
+    cross-attention media), every later decode step is the plain KV-cache step."""
+
+    def __init__(self, vlm: VLM, feats_NLD: torch.Tensor | None):
+        self.vlm, self.feats, self.cfg = vlm, feats_NLD, vlm.lm.cfg
+        self.prefilled = False
+        self.media = None  # cross: (media_BQD, img_pos_BM)
+
+    def head_weight(self):
+        return self.vlm.lm.head_weight()
+
+    def __call__(self, tokens_BT, pos_BT=None, cache=None):
+        lm, vcfg = self.vlm.lm, self.vlm.cfg
+        first, self.prefilled = not self.prefilled, True
+        if vcfg.fusion == "inline":
+            if first and self.feats is not None:
+                x = splice(lm.embed(tokens_BT), tokens_BT, self.feats, vcfg.image_id)
+                return lm(None, embeds_BTD=x, pos_BT=pos_BT, cache=cache)
+            return lm(tokens_BT, pos_BT=pos_BT, cache=cache)
+        if first and self.feats is not None:
+            self.media = row_media(tokens_BT, self.feats, vcfg.image_id)  # prefill: token column == position
+        ctx = media_context(*self.media, pos_BT, vcfg.tokens_per_image) if self.media is not None else None
+        with self.vlm.attending(ctx):
+            return lm(tokens_BT, pos_BT=pos_BT, cache=cache)
+
+
+@torch.no_grad()
+def generate_vlm(vlm: VLM, prompts: list[list[int]], pixels_NCHW: torch.Tensor | None, params=None, *,
+                 eos_ids: tuple[int, ...] = (), decode=None):
+    """omnigpt.infer.generate with images: pixels are all prompts' images, in order of their placeholders."""
+    from omnigpt.infer.generate import generate
+    from omnigpt.infer.sampling import SamplingParams
+
+    feats = vlm.encode_images(pixels_NCHW) if pixels_NCHW is not None and len(pixels_NCHW) else None
+    return generate(_ImagePrompted(vlm, feats), prompts, params or SamplingParams(temperature=0.0),
+                    eos_ids=eos_ids, decode=decode)
+
+
+# ---- files -------------------------------------------------------------------------------------------------------
+CONFIG_KEY = "omnigpt_vlm"
+
+
+def save_vlm(vlm: VLM, out_dir: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:
+    """model.safetensors + config.json ({"omnigpt_vlm": VLMConfig}) + tokenizer/ when given."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in vlm.state_dict().items()}
+    save_file(state, str(out / "model.safetensors.tmp"), metadata={"format": "pt", "omnigpt": "vlm"})
+    os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps({CONFIG_KEY: vlm.cfg.to_dict(), **(extra or {})}, indent=2))
+    if tokenizer is not None:
+        tokenizer.save(str(out / "tokenizer"))
+    return out
+
+
+def load_vlm(path: str | os.PathLike, device: str | torch.device = "cpu") -> VLM:
+    from safetensors.torch import load_file
+
+    from omnigpt.model.weights import load_state_dict_checked
+
+    path = Path(path)
+    raw = json.loads((path / "config.json").read_text())
+    if CONFIG_KEY not in raw:
+        raise ValueError(f"{path}: config.json has no {CONFIG_KEY!r} (not an omnigpt vision-language checkpoint)")
+    vlm = VLM(VLMConfig.from_dict(raw[CONFIG_KEY]))
+    load_state_dict_checked(vlm, load_file(str(path / "model.safetensors")), source=str(path))
+    return vlm.to(device)

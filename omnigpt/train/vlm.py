@@ -1,0 +1,319 @@
+"""Staged training of a vision-language model on ShapeBind, and the whole recipe from scratch.
+
+A stage trains some parts of the model on a mixture of sample kinds (omnigpt.data.vision_samples.Mix):
+    warmup  the LM alone on scene text (captions, questions with answers), no images;
+    align   connector alignment: only the connector (+ resampler and gated cross-attention blocks) learns, the
+            vision encoder and the LM are frozen; image-caption documents and captions;
+    joint   joint fine-tuning of the listed parts on questions, captions, two-image turns, documents.
+Each stage has its own AdamW (omnigpt.train.optim) with linear warmup and cosine decay to 10%, over a number of
+steps or over a time budget (then the schedule follows elapsed time, and two models given the same budget get the
+same GPU time: "the same compute"). Loss: mean over samples of each sample's mean token loss, so that a one-word
+answer weighs as much as a long caption. bf16 autocast on CUDA.
+
+The recipe (`Recipe`, `run_recipe`): ShapeBind BPE -> scene pool -> CLIP pre-training of the ViT -> (optional LM
+warm-up) -> per fusion mode a VLM from copies of that ViT and LM -> align -> joint -> held-out VQA evaluation.
+What CPU experiments at toy scale showed (benchmarks/vision_shapebind.py has the details): without CLIP
+pre-training a ViT trained through the LM does not ground answers in the image within thousands of steps; the
+vision tower is fine-tuned at 0.1x the learning rate; questions come before the image in the user turn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from omnigpt.data.vision_samples import IGNORE, Mix, SampleStream, batches
+from omnigpt.model.multimodal import VLM, VLMConfig
+from omnigpt.model.vision import normalize
+from omnigpt.train.optim import set_lr
+
+
+@dataclass
+class Stage:
+    name: str
+    steps: int  # the most steps (with budget_s: the stage may stop earlier)
+    lr: float
+    parts: tuple[str, ...]  # trainable: vision, connector, lm (a plain Transformer trains whole)
+    mix: Mix = field(default_factory=Mix)
+    warmup: int = 20
+    budget_s: float | None = None  # train for this many seconds instead of exactly `steps`
+    vision_lr_scale: float = 1.0  # the vision tower's learning rate is lr * this (pre-trained features drift less)
+
+
+@dataclass
+class DataConfig:
+    batch_size: int = 32
+    n_range: tuple[int, int] = (1, 16)
+    image_size: int = 128
+    workers: int = 0  # DataLoader processes assembling batches (0: in the training process)
+    seed: int = 0
+    max_len: int | None = None  # skip samples longer than this many tokens
+
+
+ALIGN_MIX = Mix(qa=0.0, pair=1.0, caption=1.0, doc=0.5)
+JOINT_MIX = Mix(qa=4.0, caption=0.5, multi=0.5, doc=0.25, max_turns=2)
+
+
+# ---- pieces ----------------------------------------------------------------------------------------------------
+def autocast_for(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def lr_at(step: int, progress: float, warmup: int, min_ratio: float = 0.1) -> float:
+    """Linear warmup over `warmup` steps, then cosine from 1 to min_ratio as progress goes 0 -> 1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Clock:
+    """How far a stage is: steps done / steps, or seconds spent / budget."""
+
+    def __init__(self, steps: int, budget_s: float | None = None):
+        self.steps, self.budget_s, self.t0 = steps, budget_s, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def progress(self, step: int) -> float:
+        by_steps = step / max(1, self.steps)
+        return max(by_steps, self.elapsed() / self.budget_s) if self.budget_s else by_steps
+
+    def done(self, step: int) -> bool:
+        return step >= self.steps or (self.budget_s is not None and self.elapsed() >= self.budget_s)
+
+
+def stage_optimizer(model: torch.nn.Module, lr: float, vision_lr_scale: float = 1.0, weight_decay: float = 0.0):
+    """AdamW over the trainable parameters; the vision tower's at lr * vision_lr_scale. Every group has `base_lr`
+    (omnigpt.train.optim.set_lr scales it); weight decay only on matrices."""
+    vision = {id(p) for p in model.vision.parameters()} if isinstance(model, VLM) else set()
+    groups = []
+    for is_vision in (False, True):
+        params = [p for p in model.parameters() if p.requires_grad and (id(p) in vision) == is_vision]
+        group_lr = lr * (vision_lr_scale if is_vision else 1.0)
+        for decay in (True, False):
+            chosen = [p for p in params if (p.ndim >= 2) == decay]
+            if chosen:
+                groups.append(dict(params=chosen, lr=group_lr, base_lr=group_lr, weight_decay=weight_decay if decay else 0.0))
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **(dict(fused=True) if fused else dict(foreach=True)))
+
+
+def sample_mean_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of each sample's mean token loss."""
+    B, T = targets_BT.shape
+    loss_BT = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE, reduction="none").view(B, T)
+    n_B = (targets_BT != IGNORE).sum(1)
+    return (loss_BT.sum(1)[n_B > 0] / n_B[n_B > 0]).mean()
+
+
+def forward_loss(model, batch, vision_cfg):
+    if isinstance(model, VLM):
+        pixels = normalize(batch.images, vision_cfg) if len(batch.images) else None
+        logits = model(batch.inputs, None, pixels).logits
+    else:
+        logits = model(batch.inputs).logits
+    return sample_mean_loss(logits, batch.targets)
+
+
+def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, image_tokens: int = 1, vision_cfg=None,
+                log=print, log_every: int = 50, grad_clip: float = 1.0, weight_decay: float = 0.0,
+                metrics_path: str | None = None, pool=None) -> dict:
+    """Train one stage; returns {"stage", "steps", "loss" (mean of the last logged 10%), "seconds", ...}."""
+    device = model_device(model)
+    if isinstance(model, VLM):
+        model.set_trainable(stage.parts)
+    else:
+        model.requires_grad_(True)
+    model.train()
+    opt = stage_optimizer(model, stage.lr, stage.vision_lr_scale, weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    stream = SampleStream(tok, image_tokens, stage.mix, data.batch_size, seed=zlib.crc32(f"{data.seed}:{stage.name}".encode()),
+                          n_range=data.n_range, image_size=data.image_size, max_len=data.max_len, pool=pool)
+    it = batches(stream, data.workers)
+    autocast = autocast_for(device)
+    metrics = open(metrics_path, "a") if metrics_path else None
+    losses: list[tuple[float, float]] = []  # (progress, loss) every 10 steps
+    clock, step = Clock(stage.steps, stage.budget_s), 0
+    warmup = min(stage.warmup, stage.steps // 5)
+    while not clock.done(step):
+        set_lr(opt, lr_at(step, clock.progress(step), warmup))
+        batch = next(it).to(device)
+        with autocast:
+            loss = forward_loss(model, batch, vision_cfg)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if step % 10 == 0 or step == 1:  # .item() waits for the GPU: also keeps the clock honest
+            losses.append((clock.progress(step), loss.item()))
+        if step % log_every == 0 or step == 1:
+            rec = {"stage": stage.name, "step": step, "loss": loss.item(), "grad_norm": float(gnorm),
+                   "lr": opt.param_groups[0]["lr"], "seconds": clock.elapsed()}
+            log(f"[{stage.name}] step {step} loss {rec['loss']:.4f} gnorm {rec['grad_norm']:.2f} lr {rec['lr']:.2e} "
+                f"{rec['seconds']:.0f}s ({step / rec['seconds']:.1f} steps/s)")
+            if metrics:
+                metrics.write(json.dumps(rec) + "\n")
+                metrics.flush()
+    if metrics:
+        metrics.close()
+    if step == 0:
+        return {"stage": stage.name, "steps": 0, "loss": math.nan, "seconds": 0.0, "parts": list(stage.parts), "mix": asdict(stage.mix)}
+    tail = [loss for prog, loss in losses if prog >= 0.9] or [loss.item()]
+    log(f"[{stage.name}] done: {step} steps in {clock.elapsed():.0f}s, final loss {sum(tail) / len(tail):.4f}")
+    return {"stage": stage.name, "steps": step, "loss": sum(tail) / len(tail), "seconds": clock.elapsed(),
+            "parts": list(stage.parts), "mix": asdict(stage.mix)}
+
+
+def train_vlm(vlm: VLM, tok, stages: list[Stage], data: DataConfig, log=print, **kw) -> list[dict]:
+    """Run the stages in order on one VLM."""
+    return [train_stage(vlm, s, tok, data, image_tokens=vlm.cfg.image_tokens, vision_cfg=vlm.cfg.vision, log=log, **kw)
+            for s in stages]
+
+
+def warmup_lm(lm: torch.nn.Module, tok, steps: int, data: DataConfig, lr: float = 2e-3, log=print, **kw) -> dict:
+    """Language-model warm-up on scene descriptions (no images)."""
+    return train_stage(lm, Stage("warmup", steps, lr, ("lm",), Mix(qa=0.0, text=1.0)), tok, data, log=log, **kw)
+
+
+# ---- the recipe ------------------------------------------------------------------------------------------------
+@dataclass
+class Recipe:
+    """Sizes, steps and budgets of a ShapeBind run. The default is the GPU run (one H100/H200, ~8 minutes for
+    both fusion modes); `quick_recipe()` is a tiny CPU version."""
+
+    image_size: int = 128
+    n_train: tuple[int, int] = (1, 16)
+    n_eval: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16)
+    per_type: int = 60
+    vision: dict = field(default_factory=lambda: dict(patch_size=8, d_model=256, n_layers=6, n_heads=8, d_ff=1024))
+    text: dict = field(default_factory=lambda: dict(d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, d_ff=1024, max_seq_len=384))
+    pixel_shuffle: int = 2  # inline: (128/8/2)^2 = 64 tokens per image
+    n_latents: int = 64  # cross: the same 64 vectors per image
+    cross_every: int = 1
+    batch_size: int = 128
+    clip_batch_size: int = 256
+    lr: float = 1e-3
+    steps_clip: int = 100_000  # with budgets, the step counts are upper bounds
+    steps_lm: int = 0  # LM warm-up on scene text (0: none; in short runs it slowed cross-attention grounding)
+    steps_align: int = 100_000
+    steps_joint: int = 100_000
+    budget_clip_s: float | None = 60.0
+    budget_align_s: float | None = 15.0
+    budget_joint_s: float | None = 155.0
+    workers: int = 10
+    pool_scenes: int = 60_000  # rendered once, shared by every stage (evaluation scenes are fresh)
+    train_vision: bool = True  # joint stage: fine-tune the ViT too, at lr * vision_lr_scale
+    vision_lr_scale: float = 0.1
+
+    def override(self, pairs: list[str]) -> Recipe:
+        """FIELD=VALUE pairs, VALUE in JSON (numbers, null, lists, objects)."""
+        out = copy.deepcopy(self)
+        for kv in pairs:
+            k, _, v = kv.partition("=")
+            if not hasattr(out, k):
+                raise ValueError(f"unknown recipe field {k!r}")
+            value = json.loads(v)
+            setattr(out, k, tuple(value) if isinstance(getattr(out, k), tuple) else value)
+        return out
+
+
+def quick_recipe() -> Recipe:
+    return Recipe(image_size=64, n_train=(1, 4), n_eval=(1, 2, 3, 4), per_type=24,
+                  vision=dict(patch_size=8, d_model=64, n_layers=2, n_heads=4, d_ff=192),
+                  text=dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, max_seq_len=256),
+                  pixel_shuffle=2, n_latents=16, batch_size=32, clip_batch_size=64, lr=2e-3,
+                  steps_clip=300, steps_lm=0, steps_align=60, steps_joint=600,
+                  budget_clip_s=None, budget_align_s=None, budget_joint_s=None, workers=0, pool_scenes=3000)
+
+
+def build_vlm(recipe: Recipe, mode: str, tok, vision, lm) -> VLM:
+    """A VLM around copies of `vision` and `lm` (so that several modes can start from the same weights)."""
+    cfg = VLMConfig(vision=vision.cfg, text=lm.cfg, image_id=tok.image_id, fusion=mode, connector="mlp",
+                    pixel_shuffle=recipe.pixel_shuffle if mode == "inline" else 1, n_latents=recipe.n_latents,
+                    cross_every=recipe.cross_every)
+    return VLM(cfg, vision=copy.deepcopy(vision), lm=copy.deepcopy(lm))
+
+
+def vlm_stages(recipe: Recipe) -> list[Stage]:
+    joint_parts = ("connector", "lm", "vision") if recipe.train_vision else ("connector", "lm")
+    return [Stage("align", recipe.steps_align, recipe.lr, ("connector",), ALIGN_MIX, budget_s=recipe.budget_align_s),
+            Stage("joint", recipe.steps_joint, recipe.lr, joint_parts, JOINT_MIX, budget_s=recipe.budget_joint_s,
+                  vision_lr_scale=recipe.vision_lr_scale)]
+
+
+def run_recipe(recipe: Recipe, modes: list[str], out_dir: str | os.PathLike, device: torch.device, log=print,
+               vision=None, evaluate: bool = True) -> dict:
+    """The whole ShapeBind run; `vision` (a ViT, e.g. from HF CLIP weights) skips CLIP pre-training.
+    Writes <out>/<mode>/ checkpoints, <mode>_metrics.jsonl, <mode>_eval.json and summary.json."""
+    from omnigpt.config import ModelConfig
+    from omnigpt.data.vision_samples import ScenePool, shapebind_tokenizer
+    from omnigpt.evals.vqa import eval_vqa, target_met
+    from omnigpt.model.multimodal import save_vlm
+    from omnigpt.model.transformer import Transformer
+    from omnigpt.model.vision import CLIP, CLIPConfig, TextTowerConfig, VisionConfig
+    from omnigpt.train.clip import CLIPTrainConfig, train_clip
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    tok = shapebind_tokenizer()
+    vocab = tok.padded_vocab_size()
+    data = DataConfig(batch_size=recipe.batch_size, n_range=recipe.n_train, image_size=recipe.image_size, workers=recipe.workers,
+                      max_len=recipe.text["max_seq_len"] + 1)
+    pool = ScenePool(recipe.pool_scenes, recipe.n_train, recipe.image_size, "pool", workers=max(recipe.workers, (os.cpu_count() or 2) - 2))
+    log(f"scene pool: {recipe.pool_scenes} scenes of {recipe.image_size}px, N in {recipe.n_train}, "
+        f"{time.perf_counter() - t_start:.0f}s")
+
+    clip_res = None
+    if vision is None:  # 1. CLIP pre-training of the vision tower on scene captions
+        vcfg = VisionConfig(image_size=recipe.image_size, pool="mean", **recipe.vision)
+        ttc = TextTowerConfig(vocab_size=vocab, max_len=256, d_model=vcfg.d_model, n_layers=2, n_heads=vcfg.n_heads, d_ff=vcfg.d_ff)
+        clip = CLIP(CLIPConfig(vcfg, ttc, embed_dim=128)).to(device)
+        clip_tc = CLIPTrainConfig(steps=recipe.steps_clip, budget_s=recipe.budget_clip_s, batch_size=recipe.clip_batch_size,
+                                  lr=recipe.lr, n_range=recipe.n_train, image_size=recipe.image_size, workers=recipe.workers,
+                                  log_every=100)
+        clip_res = train_clip(clip, tok, clip_tc, log=log, pool=pool, metrics_path=str(out / "clip_metrics.jsonl"))
+        vision = clip.vision
+    vision = vision.to(device)
+
+    lm = Transformer(ModelConfig(vocab_size=vocab, **recipe.text)).to(device)  # 2. LM warm-up on scene text
+    lm_res = warmup_lm(lm, tok, recipe.steps_lm, data, lr=recipe.lr, log=log, log_every=100, pool=pool)
+
+    results, extra, train_info = {}, {}, {}
+    for mode in modes:  # 3. per fusion mode: align, joint, evaluate
+        vlm = build_vlm(recipe, mode, tok, vision, lm).to(device)
+        stage_res = train_vlm(vlm, tok, vlm_stages(recipe), data, log=log, log_every=200,
+                              metrics_path=str(out / f"{mode}_metrics.jsonl"), pool=pool)
+        train_info[mode] = stage_res
+        save_vlm(vlm, out / mode, tok, extra={"train": stage_res, "recipe": asdict(recipe)})
+        extra[mode] = {"params": f"{sum(p.numel() for p in vlm.parameters()) / 1e6:.1f}M",
+                       "image tokens in text": vlm.cfg.image_tokens,
+                       "steps": "+".join(str(r["steps"]) for r in stage_res),
+                       "train": f"{sum(r['seconds'] for r in stage_res):.0f}s", "final loss": f"{stage_res[-1]['loss']:.3f}"}
+        if evaluate:
+            t0 = time.perf_counter()
+            res = eval_vqa(vlm, tok, recipe.n_eval, recipe.per_type, batch_size=256 if device.type == "cuda" else 64, log=log)
+            (out / f"{mode}_eval.json").write_text(json.dumps(res, indent=2))
+            results[mode] = res
+            extra[mode].update({"eval": f"{time.perf_counter() - t0:.0f}s", "target met": target_met(res)})
+        del vlm
+    summary = {"recipe": asdict(recipe), "clip": clip_res, "lm": lm_res, "train": train_info, "results": results,
+               "extra": extra, "total_s": time.perf_counter() - t_start, "device": str(device), "torch": torch.__version__}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary

@@ -1,0 +1,145 @@
+"""ShapeBind scenes, captions, questions, interleaved documents, real image-caption pairs, chat with images."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from omnigpt.data import scenes as sb
+from omnigpt.data.image_captions import emoji_available, emoji_pairs, openclipart_pairs, render_emoji
+from omnigpt.data.vision_samples import Mix, ScenePool, collate, document_sample, random_sample, shapebind_tokenizer
+from omnigpt.tokenizer.chat import image_urls, render_chat
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return shapebind_tokenizer(n_scenes=150)
+
+
+def test_attribute_space():
+    assert len(sb.SHAPES) >= 6 and len(sb.COLORS) >= 8 and len(sb.SIZES) == 2
+    seen = set()
+    for i in range(300):
+        seen |= {(o.shape, o.color, o.size) for o in sb.make_scene(i, 8, 128).objects}
+    assert len(seen) == len(sb.SHAPES) * len(sb.COLORS) * len(sb.SIZES)  # every combination occurs
+
+
+def test_scene_determinism():
+    for n in (1, 4, 16):
+        a, b = sb.make_scene(7, n, 128), sb.make_scene(7, n, 128)
+        assert a == b and np.array_equal(sb.render_array(a), sb.render_array(b))
+        assert sb.Scene.from_dict(json.loads(json.dumps(a.to_dict()))) == a  # the scene graph round-trips as JSON
+        assert sb.questions(a, 3) == sb.questions(b, 3)
+    assert sb.make_scene(7, 8, 128) != sb.make_scene(8, 8, 128)
+
+
+@pytest.mark.parametrize("size", [64, 128, 256])
+def test_no_overlap_and_inside(size):
+    for seed in range(40):
+        scene = sb.make_scene(seed, 1 + seed % 16, size)
+        boxes = [sb.bbox(o) for o in scene.objects]
+        assert len({(o.row, o.col) for o in scene.objects}) == len(scene.objects)
+        for i, (x0, y0, x1, y1) in enumerate(boxes):
+            assert 0 <= x0 and 0 <= y0 and x1 <= size and y1 <= size
+            for u0, v0, u1, v1 in boxes[i + 1:]:
+                assert x1 <= u0 or u1 <= x0 or y1 <= v0 or v1 <= y0, f"overlap in scene {seed}"
+
+
+def test_render_matches_graph():
+    """The pixel at each object's centre has the object's colour (shapes are solid there, even stars and crosses)."""
+    for seed in range(10):
+        scene = sb.make_scene(seed, 9, 256)
+        im = sb.render_array(scene).astype(int)
+        for o in scene.objects:
+            px = im[int(o.cy), int(o.cx)]
+            assert np.abs(px - np.array(sb.COLORS[o.color])).max() <= 40, (o, px)
+
+
+def test_questions_agree_with_scene_graph():
+    counts = {t: 0 for t in sb.QA_TYPES}
+    for seed in range(120):
+        scene = sb.make_scene(seed, 1 + seed % 16, 128)
+        for qa in sb.questions(scene, seed):
+            assert sb.answer_is_correct(scene, qa), (scene, qa)
+            counts[qa.type] += 1
+    assert all(counts[t] > 20 for t in sb.QA_TYPES), counts
+    scene = sb.make_scene(0, 4, 128)
+    qa = next(q for q in sb.questions(scene) if q.type == "color")
+    assert not sb.answer_is_correct(scene, sb.QA("color", qa.question, "no such color"))
+
+
+def test_position_answers_balanced_and_relations():
+    qas = [qa for s in range(200) for qa in sb.questions(sb.make_scene(s, 6, 128), s, ("position",))]
+    for axis, (a, b) in (("horizontally", ("left", "right")), ("vertically", ("above", "below"))):
+        answers = [qa.detail for qa in qas if qa.question.startswith(axis)]  # the relation; the answer reasons first
+        assert set(answers) == {a, b} and 0.4 < answers.count(a) / len(answers) < 0.6
+        assert not any(a in qa.question or b in qa.question for qa in qas if qa.question.startswith(axis))  # nothing to copy
+    a = sb.Obj("circle", "red", "small", 0, 0, 10, 10, 5)
+    b = sb.Obj("star", "blue", "large", 1, 2, 90, 50, 10)
+    assert sb.relation_holds(a, "left of", b) and sb.relation_holds(a, "above", b) and sb.relation_holds(b, "below", a)
+
+
+def test_caption_grammar():
+    one = sb.Scene(0, 128, 2, (sb.Obj("circle", "red", "large", 0, 0, 30, 30, 24),))
+    assert sb.caption(one) == "a large red circle"
+    two = sb.Scene(0, 128, 2, (sb.Obj("circle", "red", "large", 0, 0, 30, 30, 24), sb.Obj("star", "blue", "small", 0, 1, 90, 30, 12),
+                               sb.Obj("star", "blue", "small", 1, 1, 90, 90, 12)))
+    assert sb.caption(two) == "a large red circle left of two small blue stars"
+    assert sb.list_answer(two) == "a large red circle, a small blue star, a small blue star"
+    three = sb.make_scene(3, 12, 128)
+    assert " and " in sb.caption(three) and sb.caption(three) == sb.caption(sb.make_scene(3, 12, 128))
+
+
+def test_interleaved_document_and_sample(tok):
+    doc = sb.interleaved_document(5, n_images=3)
+    assert [type(x) for x in doc] == [str, sb.Scene, str] * 3
+    s = document_sample(tok, 4, doc)
+    assert len(s.images) == 3 and s.ids.count(tok.image_id) == 12
+    learned = [i for i, m in zip(s.ids, s.mask) if m]
+    assert tok.image_id not in learned and tok.image_start_id not in learned
+    assert tok.decode([i for i in learned if i != tok.eot_id]).count("It shows") + tok.decode(learned).count("we see") \
+        + tok.decode(learned).count("picture has") + tok.decode(learned).count("contains") == 3
+
+
+def test_render_chat_with_images(tok):
+    img = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    msgs = [{"role": "user", "content": [img, {"type": "text", "text": "and"}, {"type": "image_url", "image_url": "b.png"},
+                                         {"type": "text", "text": " which is red?"}]},
+            {"role": "assistant", "content": "the first"}]
+    with pytest.raises(ValueError, match="image_url"):
+        render_chat(tok, msgs)  # a text-only model refuses images
+    ids, mask = render_chat(tok, msgs, image_tokens=3)
+    assert ids.count(tok.image_id) == 6 and ids.count(tok.image_start_id) == 2 and ids.count(tok.image_end_id) == 2
+    assert all(m == 0 for i, m in zip(ids, mask) if i in (tok.image_id, tok.image_start_id, tok.image_end_id))
+    assert image_urls(msgs) == ["data:image/png;base64,AAAA", "b.png"]
+    text_only, _ = render_chat(tok, [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}])
+    assert text_only == render_chat(tok, [{"role": "user", "content": "ab"}])[0]
+
+
+def test_samples_batches_and_pool(tok):
+    pool = ScenePool(40, (1, 4), 64)
+    assert pool.images.shape == (40, 64, 64, 3) and np.array_equal(pool.images[5], sb.render_array(pool.scenes[5]))
+    rng = random.Random(0)
+    mix = Mix(qa=1, caption=1, multi=1, doc=1, pair=1, text=1)
+    samples = [random_sample(rng, tok, 4, mix, n_range=(1, 4), image_size=64, pool=pool) for _ in range(30)]
+    batch = collate(samples, tok.pad_id, 64)
+    assert batch.images.shape[0] == sum(len(s.images) for s in samples) == int((batch.inputs == tok.image_id).sum()) // 4
+    assert not (batch.targets == tok.image_id).any()  # image placeholders are never targets
+    for s in samples:
+        if s.kind.startswith("qa:"):
+            assert tok.decode(s.ids[s.prompt_len:]).startswith(s.answer + "<|im_end|>")
+
+
+def test_emoji_and_clipart_pairs():
+    if not emoji_available():
+        pytest.skip("fonts-noto-color-emoji is not installed")
+    pairs = emoji_pairs()
+    assert len(pairs) > 1000
+    camel = next(p for p in pairs if p.key == "\U0001F42B")
+    assert camel.caption == "bactrian camel"
+    im = np.asarray(render_emoji(camel.key, 64))
+    assert im.shape == (64, 64, 3) and im.std() > 10
+    clip = openclipart_pairs()
+    if clip:
+        assert all(p.caption for p in clip[:50])

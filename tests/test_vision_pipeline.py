@@ -1,0 +1,63 @@
+"""The ShapeBind recipe end to end at toy size (CLIP, LM warm-up, align, joint, evaluation, checkpoints) and the
+`omnigpt vision` commands."""
+
+import json
+
+import pytest
+import torch
+
+from omnigpt import cli
+from omnigpt.evals.vqa import format_table
+from omnigpt.model.multimodal import load_vlm
+from omnigpt.train.vlm import Clock, lr_at, quick_recipe, run_recipe
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def toy_recipe():
+    return quick_recipe().override([
+        "image_size=32", "n_eval=[1,3]", "per_type=2", "pool_scenes=40", "batch_size=4", "clip_batch_size=8",
+        'vision={"patch_size": 8, "d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64}',
+        'text={"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64, "max_seq_len": 192}',
+        "steps_clip=3", "steps_lm=3", "steps_align=3", "steps_joint=4", "n_latents=4",
+    ])
+
+
+def test_schedule_and_clock():
+    assert lr_at(0, 0.0, 10) == pytest.approx(0.1) and lr_at(10, 0.0, 10) == pytest.approx(1.0)
+    assert lr_at(50, 1.0, 10) == pytest.approx(0.1) and lr_at(50, 0.5, 10) == pytest.approx(0.55)
+    clock = Clock(steps=100, budget_s=1e-9)
+    assert clock.done(0) and clock.progress(0) >= 1.0  # a spent time budget ends the stage
+    assert not Clock(steps=100).done(99) and Clock(steps=100).done(100)
+
+
+def test_recipe_end_to_end(tmp_path):
+    s = run_recipe(toy_recipe(), ["inline", "cross"], tmp_path, torch.device("cpu"), log=lambda *a: None)
+    for mode in ("inline", "cross"):
+        assert [r["steps"] for r in s["train"][mode]] == [3, 4]
+        res = s["results"][mode]
+        assert set(res["by_n"]) == {1, 3} and all(0 <= a <= 1 for row in res["by_n"].values() for a in row.values())
+        vlm = load_vlm(tmp_path / mode)
+        assert vlm.cfg.fusion == mode
+        assert json.loads((tmp_path / "summary.json").read_text())["results"][mode]["per_type"] == 2
+    table = format_table(s["results"], s["extra"])
+    assert "inline" in table and "cross" in table and "position" in table
+
+
+def test_cli_scenes_and_ask(tmp_path, capsys):
+    assert cli.main(["vision", "scenes", "--out", str(tmp_path / "s"), "--n", "3", "--count", "2", "--image-size", "64",
+                     "--interleaved"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "s" / "scenes.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and len(rows[0]["graph"]["objects"]) == 3 and rows[0]["questions"]
+    assert (tmp_path / "s" / "scene_1.png").is_file() and (tmp_path / "s" / "document.txt").is_file()
+    run_recipe(toy_recipe(), ["cross"], tmp_path / "m", torch.device("cpu"), log=lambda *a: None, evaluate=False)
+    capsys.readouterr()
+    assert cli.main(["vision", "ask", str(tmp_path / "m" / "cross"), "--image", str(tmp_path / "s" / "scene_0.png"),
+                     "--image", str(tmp_path / "s" / "scene_1.png"), "--question", "what color is the star?",
+                     "--max-new-tokens", "3", "--device", "cpu"]) == 0
