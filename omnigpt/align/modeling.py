@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from omnigpt.config import ModelConfig
 from omnigpt.model.transformer import Transformer
 from omnigpt.model.weights import CONFIG_NAME, WEIGHTS_NAME, load_model, load_state_dict_checked, read_config
+from omnigpt.serve.checkpoint import TOKENIZER_DIR
 from omnigpt.tokenizer.text import META_FILE, load_tokenizer
 
 from omnigpt.align.data import SeqBatch
@@ -48,8 +49,9 @@ def resolve_tokenizer(spec: str | None, model_dir: str | os.PathLike):
         return load_tokenizer(spec)
     d = resolve_model_dir(model_dir)
     for cand in (d, d.parent, d.parent.parent):
-        if (cand / META_FILE).is_file():
-            return load_tokenizer(str(cand))
+        for folder in (cand / TOKENIZER_DIR, cand):
+            if (folder / META_FILE).is_file():
+                return load_tokenizer(str(folder))
     raise ValueError(f"no tokenizer saved with {model_dir}; pass --tokenizer")
 
 
@@ -96,8 +98,8 @@ def export_model(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str 
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / (WEIGHTS_NAME + ".tmp")), metadata={"format": "pt", "omnigpt": "1"})
     os.replace(out / (WEIGHTS_NAME + ".tmp"), out / WEIGHTS_NAME)
     (out / CONFIG_NAME).write_text(json.dumps({"omnigpt": cfg.to_dict(), "align": align or {}}, indent=2))
-    if tok is not None:
-        tok.save(str(out))
+    if tok is not None:  # the served-checkpoint layout (omnigpt.serve.checkpoint): `omnigpt serve` loads it as is
+        tok.save(str(out / TOKENIZER_DIR))
     return out
 
 
