@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from omnigpt.config import small, small_moe  # noqa: E402
 from omnigpt.model.moe import expert_mlp_grouped, expert_mlp_loop  # noqa: E402
-from omnigpt.model.transformer import Transformer, prefer_cudnn_attention  # noqa: E402
+from omnigpt.model.transformer import Transformer  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 

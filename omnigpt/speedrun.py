@@ -161,7 +161,7 @@ def run_speedrun(preset: str = "cpu", out: str = "runs/speedrun", install: bool 
     tc = TrainConfig(out_dir=str(run / "train"), steps=total_steps, batch_size=p.batch_size, seq_len=p.seq_len, lr=p.lr,
                      warmup_steps=p.warmup, val_every=p.val_every, ckpt_every=p.ckpt_every, val_batches=p.val_batches, weights=weights,
                      compile=p.compile, doc_mask=p.doc_mask, tokenizer_sha256=manifest["tokenizer"].get("sha256"), max_minutes=stage_minutes)
-    last = train(cfg, tc, data, resume=True)
+    train(cfg, tc, data, resume=True)
     metrics = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     done = max((m["step"] for m in metrics), default=0)
     if done < total_steps:

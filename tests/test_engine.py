@@ -20,14 +20,7 @@ from omnigpt.serve.testing import make_tiny_checkpoint
 from omnigpt.tokenizer.chat import render_chat
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Reference computations in the test thread: one thread is faster for a tiny model and immune to
-    other processes on the machine (the engines are configured the same way, cpu_threads=1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,14 +30,7 @@ CONTEXT = 512
 NO_EOS = {}  # logit_bias keeping a random model from ending early where a test counts tokens (set below)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Reference computations in the test thread: one thread is faster for a tiny model and immune to
-    other processes on the machine (the engines are configured the same way, cpu_threads=1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

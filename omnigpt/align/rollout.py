@@ -77,6 +77,18 @@ def verified(tok, responses: list[list[int]], prompts: list[Prompt]) -> list[flo
     return [float(check(p.task, response_text(tok, r))) for p, r in zip(prompts, responses) if p.task]
 
 
+def sampled_chunks(model, tok, ids: list[list[int]], rows: list[int], *, batch_size: int, seed: int,
+                   max_new_tokens: int, temperature: float, autocast):
+    """Yield (prompt indices, sampled responses) batch by batch, under a seeded RNG that leaves the caller's alone."""
+    device = model.head_weight().device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for k in range(0, len(rows), batch_size):
+            chunk = rows[k:k + batch_size]
+            yield chunk, sample_responses(model, [ids[i] for i in chunk], tok, max_new_tokens=max_new_tokens,
+                                          temperature=temperature, autocast=autocast)
+
+
 @torch.no_grad()
 def evaluate_policy(model, tok, prompts: list[Prompt], *, samples: int = 1, temperature: float = 1.0,
                     max_new_tokens: int = 64, ref=None, batch_size: int = 64, seed: int = 0,
@@ -94,22 +106,18 @@ def evaluate_policy(model, tok, prompts: list[Prompt], *, samples: int = 1, temp
         raise ValueError(f"no prompt fits in the context ({model.cfg.max_seq_len}) with {max_new_tokens} new tokens")
     rows = [i for i in keep for _ in range(samples)]
     by_kind, lengths, ended, kls = defaultdict(list), [], [], []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for k in range(0, len(rows), batch_size):
-            chunk = rows[k:k + batch_size]
-            resp = sample_responses(model, [ids[i] for i in chunk], tok, max_new_tokens=max_new_tokens,
-                                    temperature=temperature, autocast=autocast)
-            for i, r in zip(chunk, resp):
-                ok = check(prompts[i].task, response_text(tok, r))
-                by_kind[prompts[i].task.get("kind", "?")].append(float(ok))
-                lengths.append(len(r))
-                ended.append(float(r[-1] == tok.im_end_id))
-            if ref is not None and temperature == 1.0:
-                batch = make_batch([ids[i] for i in chunk], resp, pad_id=tok.pad_id).to(device)
-                with autocast():
-                    kl = (response_logprobs(model, batch, tok.vocab_size) - response_logprobs(ref, batch, tok.vocab_size)).sum(-1)
-                kls.extend(kl.tolist())
+    for chunk, resp in sampled_chunks(model, tok, ids, rows, batch_size=batch_size, seed=seed,
+                                      max_new_tokens=max_new_tokens, temperature=temperature, autocast=autocast):
+        for i, r in zip(chunk, resp):
+            ok = check(prompts[i].task, response_text(tok, r))
+            by_kind[prompts[i].task.get("kind", "?")].append(float(ok))
+            lengths.append(len(r))
+            ended.append(float(r[-1] == tok.im_end_id))
+        if ref is not None and temperature == 1.0:
+            batch = make_batch([ids[i] for i in chunk], resp, pad_id=tok.pad_id).to(device)
+            with autocast():
+                kl = (response_logprobs(model, batch, tok.vocab_size) - response_logprobs(ref, batch, tok.vocab_size)).sum(-1)
+            kls.extend(kl.tolist())
     every = [x for v in by_kind.values() for x in v]
     out = {"score": sum(every) / len(every), "n": len(every), "skipped_prompts": len(prompts) - len(keep),
            "length": sum(lengths) / len(lengths), "eos_rate": sum(ended) / len(ended)}
@@ -133,15 +141,10 @@ def verifier_comparisons(model, tok, prompts: list[Prompt], *, samples: int = 4,
     keep = fits(ids, max_new_tokens, model.cfg.max_seq_len)
     rows = [i for i in keep for _ in range(samples)]
     answers: dict[int, list[str]] = defaultdict(list)
-    device = model.head_weight().device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for k in range(0, len(rows), batch_size):
-            chunk = rows[k:k + batch_size]
-            resp = sample_responses(model, [ids[i] for i in chunk], tok, max_new_tokens=max_new_tokens,
-                                    temperature=temperature, autocast=autocast)
-            for i, r in zip(chunk, resp):
-                answers[i].append(response_text(tok, r).strip())
+    for chunk, resp in sampled_chunks(model, tok, ids, rows, batch_size=batch_size, seed=seed,
+                                      max_new_tokens=max_new_tokens, temperature=temperature, autocast=autocast):
+        for i, r in zip(chunk, resp):
+            answers[i].append(response_text(tok, r).strip())
     rng = random.Random(seed)
     out = []
     for i in keep:
