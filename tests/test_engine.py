@@ -8,6 +8,7 @@ import time
 
 import jsonschema
 import pytest
+from conftest import fail_nth_decode
 import torch
 
 from omnigpt.infer.engine import (
@@ -242,16 +243,7 @@ def test_unsupported_schema_is_rejected(served, engine):
 
 
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(served, engine, monkeypatch):
-    real = engine._decode
-    calls = {"n": 0}
-
-    def flaky(seqs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("injected")
-        return real(seqs)
-
-    monkeypatch.setattr(engine, "_decode", flaky)
+    fail_nth_decode(engine, monkeypatch, 2, "injected")
     events = list(engine.submit(GenerationRequest(served.tokenizer.encode("x"), greedy(10))).events(timeout=60))
     assert isinstance(events[-1], RequestFailed) and "injected" in events[-1].message
     assert engine.rows_in_use() == 0

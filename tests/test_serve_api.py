@@ -13,6 +13,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from conftest import fail_nth_decode
 import torch
 from PIL import Image
 from pydantic import BaseModel
@@ -472,23 +473,14 @@ def test_bad_requests_do_not_stall_a_running_stream(server, client, http):
 
 
 def test_an_error_during_generation_is_an_sse_error_event(server, client, monkeypatch):
-    engine = server.engine
-    real = engine._decode
-    calls = {"n": 0}
-
-    def failing_once(seqs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected fault")
-        return real(seqs)
-
-    monkeypatch.setattr(engine, "_decode", failing_once)
+    fail_nth_decode(server.engine, monkeypatch, 3, "injected fault")
     with chat(client, max_tokens=50, stream=True) as stream:
         with pytest.raises(openai.APIError, match="injected fault"):
             for _ in stream:
                 pass
+    monkeypatch.undo()
+    fail_nth_decode(server.engine, monkeypatch, 2, "injected fault")
     with pytest.raises(openai.InternalServerError):  # the same fault in a non-streamed request: a 500
-        calls["n"] = 1
         chat(client, max_tokens=50)
-    monkeypatch.setattr(engine, "_decode", real)
+    monkeypatch.undo()
     assert chat(client, max_tokens=3).usage.completion_tokens == 3  # the server carries on

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from omnigpt.cli import main
 from omnigpt.train.synthetic import write_synthetic_corpus
@@ -14,13 +13,7 @@ from omnigpt.train.synthetic import write_synthetic_corpus
 STEPS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models are thousands of small ops: on a busy 2-core machine intra-op threads mostly wait for each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from omnigpt.config import tiny
 from omnigpt.data.packing import ListSource
@@ -13,13 +12,7 @@ from omnigpt.train.trainer import TrainConfig, TrainData, train
 CFG = tiny(vocab_size=256, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models are thousands of small ops: on a busy 2-core machine intra-op threads mostly wait for each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def data():

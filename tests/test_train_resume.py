@@ -8,20 +8,13 @@ import sys
 import time
 
 import pytest
-import torch
 
 from omnigpt.train.synthetic import write_synthetic_corpus
 
 STEPS = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models are thousands of small ops: on a busy 2-core machine intra-op threads mostly wait for each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def train_cmd(data, out, *extra):

@@ -15,13 +15,7 @@ from omnigpt.model.vision import CLIP, CLIPConfig, TextTowerConfig, ViT, VisionC
 from omnigpt.infer.sampling import SamplingParams
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is much faster than two contending ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,7 @@ from omnigpt.model.multimodal import load_vlm
 from omnigpt.train.vlm import Clock, lr_at, quick_recipe, run_recipe
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def toy_recipe():

@@ -19,7 +19,7 @@ from omnigpt.align.data import Prompt, batch_indices, encode_prompt, make_batch
 from omnigpt.align.config import GRPOConfig
 from omnigpt.align.loop import Run
 from omnigpt.align.modeling import entropy, load_policy, load_scalar_model, masked_mean, response_logits, token_logprobs
-from omnigpt.align.rollout import RewardFn, fits, sample_responses, verified
+from omnigpt.align.rollout import RewardFn, fitting_prompts, sample_responses, verified
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
@@ -53,9 +53,7 @@ def train_grpo(policy_path, tok, prompts: list[Prompt], tc: GRPOConfig, *, rewar
     run.restore(policy, opt, cfg)
 
     ids = [encode_prompt(tok, p.messages) for p in prompts]
-    keep = fits(ids, tc.max_new_tokens, min(tc.max_len, cfg.max_seq_len))
-    if not keep:
-        raise ValueError(f"no prompt leaves room for {tc.max_new_tokens} new tokens within {min(tc.max_len, cfg.max_seq_len)}")
+    keep = fitting_prompts(ids, tc.max_new_tokens, min(tc.max_len, cfg.max_seq_len))
     run.say(f"grpo: {len(keep)} prompts, {tc.batch_size} x {tc.group_size} responses per rank per step, "
             f"reward {'verifier' if verifier else 'model'}; {run.info.world_size} rank(s)")
     G, T, V, with_tasks = tc.group_size, tc.temperature, tok.vocab_size, all(p.task for p in prompts)

@@ -32,7 +32,7 @@ from omnigpt.align.modeling import (
     add_scalar_head, entropy, load_policy, load_scalar_model, masked_mean, masked_whiten, response_logits,
     scalar_outputs, token_logprobs,
 )
-from omnigpt.align.rollout import RewardFn, fits, sample_responses, verified
+from omnigpt.align.rollout import RewardFn, fitting_prompts, sample_responses, verified
 
 
 # ---- the math --------------------------------------------------------------------------------------------------
@@ -132,9 +132,7 @@ def train_ppo(policy_path, tok, prompts: list[Prompt], tc: PPOConfig, *, reward_
             loader.load_state_dict(state["ptx"])
 
     ids = [encode_prompt(tok, p.messages) for p in prompts]
-    keep = fits(ids, tc.max_new_tokens, min(tc.max_len, cfg.max_seq_len))
-    if not keep:
-        raise ValueError(f"no prompt leaves room for {tc.max_new_tokens} new tokens within {min(tc.max_len, cfg.max_seq_len)}")
+    keep = fitting_prompts(ids, tc.max_new_tokens, min(tc.max_len, cfg.max_seq_len))
     run.say(f"ppo: {len(keep)} prompts ({len(prompts) - len(keep)} too long), {tc.batch_size} x {run.info.world_size} "
             f"rollouts per step, beta {kl_ctl.value}{' adaptive' if tc.target_kl else ''}, ptx {tc.ptx_coef}")
     T, V, with_tasks = tc.temperature, tok.vocab_size, all(p.task for p in prompts)

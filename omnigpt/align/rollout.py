@@ -56,6 +56,14 @@ def fits(prompts: list[list[int]], max_new_tokens: int, limit: int) -> list[int]
     return [i for i, p in enumerate(prompts) if len(p) + max_new_tokens <= limit]
 
 
+def fitting_prompts(prompts: list[list[int]], max_new_tokens: int, limit: int) -> list[int]:
+    """`fits`, for callers that cannot go on without any prompt: none fitting is an error, not an empty run."""
+    keep = fits(prompts, max_new_tokens, limit)
+    if not keep:
+        raise ValueError(f"no prompt leaves room for {max_new_tokens} new tokens within {limit}")
+    return keep
+
+
 class RewardFn:
     """Scores of sampled responses: a reward model's score at the final token, or the task verifier (1 or 0)."""
 
@@ -101,9 +109,7 @@ def evaluate_policy(model, tok, prompts: list[Prompt], *, samples: int = 1, temp
         raise ValueError("the verified score needs a task spec on every prompt (make them with `omnigpt align tasks`)")
     device = model.head_weight().device
     ids = [encode_prompt(tok, p.messages) for p in prompts]
-    keep = fits(ids, max_new_tokens, model.cfg.max_seq_len)
-    if not keep:
-        raise ValueError(f"no prompt fits in the context ({model.cfg.max_seq_len}) with {max_new_tokens} new tokens")
+    keep = fitting_prompts(ids, max_new_tokens, model.cfg.max_seq_len)
     rows = [i for i in keep for _ in range(samples)]
     by_kind, lengths, ended, kls = defaultdict(list), [], [], []
     for chunk, resp in sampled_chunks(model, tok, ids, rows, batch_size=batch_size, seed=seed,
