@@ -22,7 +22,7 @@ class CudaGraphDecoder:
     The cache has one spare slot past max_len: capture-time warm-up writes go there, never into a real slot.
     """
 
-    def __init__(self, model: Transformer, batch_size: int, max_len: int):
+    def __init__(self, model: Transformer, batch_size: int, max_len: int, compile: bool = False):
         w = model.head_weight()
         self.model, self.max_len = model, max_len
         self.cache = KVCache(model.cfg, batch_size, max_len + 1, device=w.device, dtype=w.dtype)
@@ -30,6 +30,12 @@ class CudaGraphDecoder:
         self.pos = torch.full((batch_size, 1), max_len, dtype=torch.long, device=w.device)
         self.buckets = [b for b in BUCKETS if b < max_len] + [max_len]
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # torch.compile fuses the step's elementwise work (norms, RoPE, SwiGLU) into few kernels; the graph then
+        # replays those. Static shapes: read_len is a Python int, so each bucket is its own specialisation.
+        self._forward = torch.compile(self._raw_step, dynamic=False) if compile else self._raw_step
+
+    def _raw_step(self) -> torch.Tensor:
+        return self.model(self.tokens, pos_BT=self.pos, cache=self.cache).logits[:, -1]
 
     @torch.no_grad()
     def prefill(self, tokens_BT: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -47,12 +53,12 @@ class CudaGraphDecoder:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # lets lazy initialisation (cuBLAS handles, autotuning) happen outside the graph
-                self.model(self.tokens, pos_BT=self.pos, cache=self.cache)
+            for _ in range(3):  # lazy initialisation (cuBLAS handles, compilation, autotuning) outside the graph
+                self._forward()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self.model(self.tokens, pos_BT=self.pos, cache=self.cache).logits[:, -1]
+            logits = self._forward()
         self.cache.read_len = None
         self.pos.copy_(saved)
         return graph, logits
