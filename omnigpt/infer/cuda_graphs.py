@@ -4,6 +4,10 @@ A decode step of a small model is hundreds of tiny kernels; launched one by one 
 the math (batch-1 decode is bound by reading the weights once per token). A graph replays them all with one
 launch. Shapes must be static, so the KV cache is read at a fixed length (the bucket) instead of up to the
 furthest position, and the step's inputs live in fixed tensors that are overwritten before each replay.
+
+Measured on an H100 (benchmarks/RESULTS.md, 1.1B Llama shape): eager decode 46 tok/s at batch 1; graphs of eager
+kernels 401; graphs of torch.compile'd kernels 629-673 (49.5% of the weight-bandwidth roofline). At 128 streams
+the eager-kernel graph is faster (296 vs 161 steps/s), hence `compile` is a per-decoder choice.
 """
 
 from __future__ import annotations
@@ -15,17 +19,36 @@ from omnigpt.model.transformer import KVCache, Transformer
 BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
+def first_rows(cache: KVCache, n: int) -> KVCache:
+    """Rows 0..n-1 of `cache` as a KVCache of batch n sharing its storage (writes land in `cache`)."""
+    view = KVCache.__new__(KVCache)
+    view.k, view.v, view.max_len, view.read_len = cache.k[:, :n], cache.v[:, :n], cache.max_len, None
+    return view
+
+
 class CudaGraphDecoder:
     """Greedy-or-sampled decode for `batch_size` rows of a slot KV cache (rows advance independently).
 
     prefill() runs eagerly; step() replays the graph of the smallest bucket holding every row's position.
-    The cache has one spare slot past max_len: capture-time warm-up writes go there, never into a real slot.
+    The cache has one spare slot past max_len (slot max_len): capture-time warm-up writes go there, never into a
+    real slot, and so do the writes of rows a caller marks idle by giving them position max_len.
+
+    cache: decode into the first batch_size rows of this cache (a serving engine's), else a new one of its own.
+    graphs: capture CUDA graphs (default: when the model is on CUDA); without, step() runs the same static-shape
+    forward eagerly, which is how CPU tests check the bucketing and the idle rows.
     """
 
-    def __init__(self, model: Transformer, batch_size: int, max_len: int, compile: bool = False):
+    def __init__(self, model: Transformer, batch_size: int, max_len: int, compile: bool = False,
+                 cache: KVCache | None = None, graphs: bool | None = None):
         w = model.head_weight()
-        self.model, self.max_len = model, max_len
-        self.cache = KVCache(model.cfg, batch_size, max_len + 1, device=w.device, dtype=w.dtype)
+        self.model, self.max_len, self.batch_size = model, max_len, batch_size
+        if cache is None:
+            cache = KVCache(model.cfg, batch_size, max_len + 1, device=w.device, dtype=w.dtype)
+        elif cache.max_len != max_len + 1 or cache.k.shape[1] < batch_size:
+            raise ValueError(f"the cache has {cache.k.shape[1]} rows of {cache.max_len} slots; need {batch_size} rows "
+                             f"of {max_len + 1} (max_len + a spare slot)")
+        self.cache = first_rows(cache, batch_size)
+        self.use_graphs = w.is_cuda if graphs is None else graphs
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=w.device)
         self.pos = torch.full((batch_size, 1), max_len, dtype=torch.long, device=w.device)
         self.buckets = [b for b in BUCKETS if b < max_len] + [max_len]
@@ -42,7 +65,7 @@ class CudaGraphDecoder:
         """Right-padded prompts (row b holds lengths[b] real tokens); returns each row's next-token logits."""
         B, T = tokens_BT.shape
         pos = torch.arange(T, device=tokens_BT.device).expand(B, T)
-        logits = self.model(tokens_BT, pos_BT=pos, cache=self.cache).logits
+        logits = self.model(tokens_BT, pos_BT=pos, cache=first_rows(self.cache, B)).logits
         return logits[torch.arange(B, device=logits.device), torch.tensor(lengths, device=logits.device) - 1]
 
     @torch.no_grad()
@@ -68,21 +91,28 @@ class CudaGraphDecoder:
 
     def warm_up(self, max_pos: int) -> None:
         """Capture every graph that positions up to max_pos will use (capturing writes only the spare slot)."""
+        if not self.use_graphs:
+            return
         for length in self.buckets[: self.buckets.index(self.bucket(max_pos)) + 1]:
             if length not in self.graphs:
                 self.graphs[length] = self._capture(length)
 
     @torch.no_grad()
     def step(self, tokens_B: torch.Tensor, pos_B: torch.Tensor, max_pos: int) -> torch.Tensor:
-        """Write tokens_B at positions pos_B and return next-token logits (B, V). max_pos = max(pos_B), known to
-        the caller without a device sync (it counts tokens)."""
+        """Write tokens_B at positions pos_B and return next-token logits (B, V). max_pos = the largest position
+        of a live row, known to the caller without a device sync (it counts tokens); idle rows pass max_len.
+        The returned tensor is overwritten by the next step: index or copy it first."""
         length = self.bucket(max_pos)
+        self.tokens.copy_(tokens_B.view(-1, 1))
+        self.pos.copy_(pos_B.view(-1, 1))
+        if not self.use_graphs:
+            self.cache.read_len = length
+            try:
+                return self._forward()
+            finally:
+                self.cache.read_len = None
         if length not in self.graphs:
             self.graphs[length] = self._capture(length)
         graph, logits = self.graphs[length]
-        self.cache.read_len = length
-        self.tokens.copy_(tokens_B.view(-1, 1))
-        self.pos.copy_(pos_B.view(-1, 1))
         graph.replay()
-        self.cache.read_len = None
         return logits
