@@ -4,7 +4,6 @@ disturbing anyone else."""
 
 import asyncio
 import base64
-import io
 import json
 import socket
 import time
@@ -13,9 +12,8 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from conftest import fail_nth_decode
+from conftest import fail_nth_decode, image_data_url
 import torch
-from PIL import Image
 from pydantic import BaseModel
 
 from omnigpt.infer.engine import EngineConfig
@@ -72,12 +70,6 @@ def error_of(response: httpx.Response) -> dict:
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
     return body["error"]
-
-
-def png_data_url(size=(8, 8)) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", size, (200, 30, 30)).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 # ---- endpoints ---------------------------------------------------------------------------------------------
@@ -351,7 +343,7 @@ def test_images_are_validated_then_refused_without_vision(client):
         ("data:image/png;base64," + base64.b64encode(b"not an image").decode(), "invalid_image", "readable image"),
         ("https://example.com/cat.png", "invalid_image", "data URL"),
         ("data:text/plain;base64,aGVsbG8=", "invalid_image", "data URL"),
-        (png_data_url(), "image_input_not_supported", "vision"),
+        (image_data_url(), "image_input_not_supported", "vision"),
     ]
     for url, code, words in cases:
         with pytest.raises(openai.BadRequestError) as e:
@@ -436,7 +428,7 @@ def test_client_disconnect_mid_stream_frees_the_rows(server, http):
     cancelled = engine.stats.requests_cancelled
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as h:
         with h.stream("POST", "/v1/chat/completions", json={
-                "model": MODEL, "stream": True, "max_tokens": 450, "n": 2,
+                "model": MODEL, "stream": True, "max_tokens": 450, "n": 2, "logit_bias": NO_EOS,  # no early end
                 "messages": [{"role": "user", "content": "tell me a long story"}]}) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data:")

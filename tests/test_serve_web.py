@@ -3,8 +3,6 @@ send, watch the answer stream in; attach an image and see the server's refusal e
 
 import base64
 import io
-import os
-import shutil
 import time
 
 import pytest
@@ -15,7 +13,6 @@ from omnigpt.serve.app import create_app
 from omnigpt.serve.checkpoint import load_for_serving
 from omnigpt.serve.testing import ServerThread, make_tiny_checkpoint
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 playwright = pytest.importorskip("playwright.sync_api")
 
 
@@ -26,29 +23,6 @@ def server(tmp_path_factory):
     with ServerThread(app) as srv:
         srv.engine = app.state.serving.engine
         yield srv
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("no chromium binary")
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser, server):
-    context = browser.new_context()
-    page = context.new_page()
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(server.url + "/")
-    yield page
-    context.close()
-    assert not errors, errors  # no JavaScript exceptions
 
 
 def test_type_send_and_watch_the_answer_stream(page):

@@ -86,7 +86,8 @@ def answer_samples(vlm: VLM, tok, samples: list[Sample], batch_size: int = 64) -
         images = [im for s in batch for im in s.images]
         pixels = normalize(torch.from_numpy(np.stack(images)).to(device), vlm.cfg.vision) if images else None
         with autocast_for(device):
-            gens = generate_vlm(vlm, prompts, pixels, params, eos_ids=(tok.im_end_id, tok.eot_id), decode=tok.decode)
+            gens = generate_vlm(vlm, prompts, pixels, params, eos_ids=(tok.im_end_id, tok.eot_id), decode=tok.decode,
+                                vocab_size=tok.vocab_size)  # never the embedding table's padding ids
         for i, g in zip(idx, gens):
             answers[i] = g.text.strip()
     return answers

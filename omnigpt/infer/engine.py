@@ -14,6 +14,10 @@ plain threads) submit requests and read events from a per-request queue. A step:
      finished sequences.
 So requests join and leave the running batch at every step. Sampling settings are per row (see sampling.py).
 
+Requests may carry images when the engine serves a vision-language model (Engine(vlm.lm, tok, vlm=vlm)):
+image_rows.py says what they change (the images' encoding at admission, their vectors in prefill, the prefix
+cache stopping at the first image).
+
 Log-probabilities are the model's own (log-softmax of the raw logits over the tokenizer's ids), before
 penalties, temperature and constraints, as vLLM reports them: they score text, whatever sampled it.
 
@@ -34,11 +38,13 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from omnigpt.infer.image_rows import ImageRows, RequestImages
 from omnigpt.infer.json_constraint import JsonConstraint, JsonConstraintFactory, SchemaError, TokenVocab
 from omnigpt.infer.kv_rows import CacheRows, PrefixCache, copy_slots
 from omnigpt.infer.sampling import (
     SamplingParams, StopChecker, apply_penalties, filter_logits, make_generator, sample, stack_params,
 )
+from omnigpt.model.multimodal import VLM
 from omnigpt.model.transformer import KVCache, Transformer
 from omnigpt.tokenizer.text import IncrementalDecoder, Tokenizer
 
@@ -108,6 +114,8 @@ class GenerationRequest:
     logit_bias: dict[int, float] | None = None
     json_mode: bool = False  # constrain the output to a JSON object ...
     json_schema: dict | None = None  # ... that validates against this schema
+    images: torch.Tensor | None = None  # (N, C, H, W) preprocessed pixels, in the order of the prompt's <|image|>
+    # placeholders (omnigpt.model.vision.preprocess); needs an engine built with a VLM
 
 
 @dataclass
@@ -316,6 +324,7 @@ class _Group:
         self.prefilled = 0  # prompt tokens in the first sequence's row
         self.cached = 0  # of which copied from the prefix cache
         self.prompt_lps: list[TokenLogprob | None] = [None]
+        self.images: RequestImages | None = None  # encoded at admission
         self.started = False  # first token sampled
         self.stop_ids = frozenset(request.params.stop_token_ids)
         self.stop_checker = StopChecker(request.params.stop)
@@ -335,7 +344,12 @@ class _Group:
 class Engine:
     """Continuous-batching generation over one model. start() it, submit() requests, stop() it."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None,
+                 vlm: VLM | None = None):
+        """vlm: a VLM whose language model is `model`; then requests may carry images."""
+        if vlm is not None and vlm.lm is not model:
+            raise ValueError("the engine's model must be the VLM's language model (vlm.lm)")
+        self.images = ImageRows(vlm) if vlm is not None else None
         self.model = model.eval()
         self.tok = tokenizer
         self.config = config = config or EngineConfig()
@@ -436,6 +450,13 @@ class Engine:
                 raise RequestRejected(f"{name} must be between 0 and {MAX_TOP_LOGPROBS}", param=name)
         if request.logit_bias and any(not 0 <= t < self.vocab_size for t in request.logit_bias):
             raise RequestRejected(f"logit_bias token ids must be in [0, {self.vocab_size})", param="logit_bias")
+        if request.images is not None and len(request.images) and self.images is None:
+            raise RequestRejected("this model cannot read images (it has no vision encoder); send text only",
+                                  param="messages", code="image_input_not_supported")
+        if self.images is not None:
+            problem = self.images.check(request.prompt, request.images)
+            if problem:
+                raise RequestRejected(problem, param="messages")
         if request.json_mode or request.json_schema is not None:
             try:
                 self.json_constraints().make(request.json_schema)
@@ -546,6 +567,14 @@ class Engine:
                     return
                 g = self._waiting.popleft()
             req = g.request
+            if req.images is not None and len(req.images):
+                try:
+                    g.images = self.images.encode(req.prompt, req.images)
+                except Exception as e:  # out of memory, say: this request fails, the others go on
+                    log.exception("encoding a request's images failed")
+                    self._send(g.handle, RequestFailed(f"internal error while reading the images: {type(e).__name__}: {e}"))
+                    self.stats.requests_failed += 1
+                    continue
             rows, self.free_rows = self.free_rows[: req.n], self.free_rows[req.n:]
             make = self.json_constraints().make if (req.json_mode or req.json_schema is not None) else None
             g.seqs = [_Sequence(g, i, row, self.tok, make(req.json_schema) if make else None) for i, row in enumerate(rows)]
@@ -557,6 +586,8 @@ class Engine:
             if req.prompt_logprobs is None:  # prompt logprobs need every position computed
                 src_row, n = self.prefix.lookup(req.prompt)
                 n = min(n, len(req.prompt) - 1)  # the last prompt token is always run: its logits start decoding
+                if self.images is not None:
+                    n = min(n, self.images.reusable_prefix(req.prompt))
                 if n > 0:
                     copy_slots(self.prefix.cache, src_row, self.cache, g.seqs[0].row, n)
                     g.prefilled = g.cached = n
@@ -624,8 +655,13 @@ class Engine:
         wants_lps = batch[0][0].request.prompt_logprobs is not None
         view = CacheRows(self.cache, [g.seqs[0].row for g, _ in batch])
         with sdpa_kernel(ATTENTION_BACKENDS):
-            out = self.model(tokens.to(self.device), pos_BT=pos.to(self.device), cache=view,
-                             last_only=not wants_lps).logits
+            if any(g.images is not None for g, _ in batch):
+                out = self.images.forward(self.model, tokens.to(self.device), pos.to(self.device), view,
+                                          [g.images for g, _ in batch], [(g.prefilled, c) for g, c in batch],
+                                          last_only=not wants_lps).logits
+            else:
+                out = self.model(tokens.to(self.device), pos_BT=pos.to(self.device), cache=view,
+                                 last_only=not wants_lps).logits
         done = []
         for b, (g, c) in enumerate(batch):
             if wants_lps:
@@ -667,20 +703,28 @@ class Engine:
         tokens = torch.tensor([[s.pending] for s in seqs], device=self.device)
         pos = torch.tensor([[s.pos] for s in seqs], device=self.device)
         view = CacheRows(self.cache, [s.row for s in seqs])
+        rows = [s.group.images for s in seqs]
+        if any(r is not None for r in rows) and self.images.decode_needs_images:
+            with sdpa_kernel(ATTENTION_BACKENDS):  # eager: the media change with the rows
+                out = self.images.forward(self.model, tokens, pos, view, rows)
+        else:
+            out = self._decode_text(tokens, pos, view)
+        for s in seqs:
+            s.pos += 1
+            s.pending = None
+        return out.logits[:, -1].float()
+
+    def _decode_text(self, tokens: torch.Tensor, pos: torch.Tensor, view: CacheRows):
         try:
             with sdpa_kernel(ATTENTION_BACKENDS):
-                out = self._decode_model(tokens, pos_BT=pos, cache=view)
+                return self._decode_model(tokens, pos_BT=pos, cache=view)
         except Exception:
             if self._decode_model is self.model:
                 raise
             log.exception("compiled decode step failed; falling back to eager")
             self._decode_model = self.model
             with sdpa_kernel(ATTENTION_BACKENDS):
-                out = self.model(tokens, pos_BT=pos, cache=view)
-        for s in seqs:
-            s.pos += 1
-            s.pending = None
-        return out.logits[:, -1].float()
+                return self.model(tokens, pos_BT=pos, cache=view)
 
     # -- sampling ----------------------------------------------------------------------------------------------
     def _sample(self, seqs: list[_Sequence], raw_BV: torch.Tensor) -> None:

@@ -361,14 +361,15 @@ class _ImagePrompted:
 
 @torch.no_grad()
 def generate_vlm(vlm: VLM, prompts: list[list[int]], pixels_NCHW: torch.Tensor | None, params=None, *,
-                 eos_ids: tuple[int, ...] = (), decode=None):
-    """omnigpt.infer.generate with images: pixels are all prompts' images, in order of their placeholders."""
+                 eos_ids: tuple[int, ...] = (), decode=None, vocab_size: int | None = None):
+    """omnigpt.infer.generate with images: pixels are all prompts' images, in order of their placeholders.
+    vocab_size: sample only ids below it (as generate does)."""
     from omnigpt.infer.generate import generate
     from omnigpt.infer.sampling import SamplingParams
 
     feats = vlm.encode_images(pixels_NCHW) if pixels_NCHW is not None and len(pixels_NCHW) else None
     return generate(_ImagePrompted(vlm, feats), prompts, params or SamplingParams(temperature=0.0),
-                    eos_ids=eos_ids, decode=decode)
+                    eos_ids=eos_ids, decode=decode, vocab_size=vocab_size)
 
 
 # ---- files -------------------------------------------------------------------------------------------------------

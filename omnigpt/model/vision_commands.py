@@ -193,5 +193,5 @@ def cmd_ask(args) -> None:
                             image_tokens=vlm.cfg.image_tokens)
     pixels = preprocess(images, vlm.cfg.vision).to(device)
     g = generate_vlm(vlm, [prompt], pixels, SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens),
-                     eos_ids=(tok.im_end_id, tok.eot_id), decode=tok.decode)[0]
+                     eos_ids=(tok.im_end_id, tok.eot_id), decode=tok.decode, vocab_size=tok.vocab_size)[0]
     print(g.text)

@@ -8,6 +8,12 @@
 
 Requests are validated and tokenized here, then handed to the engine (omnigpt.infer.engine), whose events
 are turned into OpenAI's JSON or SSE chunks. Errors have OpenAI's shape (errors.py).
+
+A vision-language checkpoint (ServedModel.vlm) reads `image_url` parts: each data URL is decoded within
+ImageLimits (images.py), resized and normalised as in training (omnigpt.model.vision.preprocess), and stands in
+the chat as `<|image_start|>`, the model's `<|image|>` placeholders, `<|image_end|>` (render_chat), all counted in
+prompt_tokens; the engine splices the images in (omnigpt.infer.image_rows). A text-only model checks image parts
+as carefully, then answers them with a 400 `image_input_not_supported`.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -31,10 +38,11 @@ from omnigpt.infer.engine import (
     QueueFull, RequestFailed, RequestFinished, RequestHandle, RequestRejected, TokenLogprob, Usage,
 )
 from omnigpt.infer.sampling import SamplingParams
+from omnigpt.model.vision import preprocess
 from omnigpt.serve import protocol as P
 from omnigpt.serve.checkpoint import ServedModel
 from omnigpt.serve.errors import APIError, install_error_handlers
-from omnigpt.serve.images import ImageError, decode_data_url
+from omnigpt.serve.images import ImageError, ImageLimits, decode_data_url
 from omnigpt.serve.metrics import HTTPStats, CountResponses, render
 from omnigpt.tokenizer.chat import render_chat
 from omnigpt.tokenizer.text import IncrementalDecoder
@@ -62,6 +70,7 @@ class ServingState:
     engine: Engine
     names: list[str]
     api_key: str | None
+    image_limits: ImageLimits = ImageLimits()
     created: int = field(default_factory=lambda: int(time.time()))
     http: HTTPStats = field(default_factory=HTTPStats)
 
@@ -72,10 +81,11 @@ class ServingState:
 
 # ---- the app -------------------------------------------------------------------------------------------------
 def create_app(served: ServedModel, engine_config: EngineConfig | None = None, *, api_key: str | None = None,
-               model_names: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
+               model_names: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
+               image_limits: ImageLimits = ImageLimits()) -> FastAPI:
     """model_names: the ids clients may pass as `model` (default: the checkpoint's name)."""
-    engine = Engine(served.model, served.tokenizer, engine_config)
-    state = ServingState(served, engine, list(model_names or [served.name]), api_key)
+    engine = Engine(served.model, served.tokenizer, engine_config, vlm=served.vlm)
+    state = ServingState(served, engine, list(model_names or [served.name]), api_key, image_limits)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -129,7 +139,7 @@ def _add_routes(app: FastAPI, state: ServingState) -> None:
     async def chat_completions(body: P.ChatCompletionRequest, request: Request):
         _check_model(state, body.model)
         _check_limits(state, body, ("max_tokens", "max_completion_tokens"))
-        prompt = await run_in_threadpool(chat_prompt, state, body.messages)
+        prompt, images = await run_in_threadpool(chat_prompt, state, body.messages)
         want_lps = bool(body.logprobs)
         if body.top_logprobs and not want_lps:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
@@ -145,6 +155,7 @@ def _add_routes(app: FastAPI, state: ServingState) -> None:
             logit_bias=logit_bias(body.logit_bias),
             json_mode=fmt is not None and fmt.type == "json_object",
             json_schema=fmt.json_schema.schema_ if fmt is not None and fmt.type == "json_schema" else None,
+            images=images,
         )
         handle = await submit(engine, gen)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
@@ -312,31 +323,35 @@ async def _drain(receive, limit: int = 1 << 30) -> None:
 
 
 # ---- requests -> engine --------------------------------------------------------------------------------------
-def chat_prompt(state: ServingState, messages: list[P.ChatMessage]) -> list[int]:
-    """ChatML token ids ending with the assistant's turn opening. Images are validated, then refused while the
-    model cannot see."""
-    plain = []
+def chat_prompt(state: ServingState, messages: list[P.ChatMessage]):
+    """(ChatML token ids ending with the assistant's turn opening, the images' pixels or None). Images are decoded
+    and checked first, then refused if the model cannot see."""
+    vlm, limits = state.served.vlm, state.image_limits
+    plain, images = [], []
     for i, m in enumerate(messages):
-        if isinstance(m.content, list):
-            texts = []
+        content = m.content
+        if isinstance(content, list):
+            content = []
             for j, part in enumerate(m.content):
                 if isinstance(part, P.TextPart):
-                    texts.append(part.text)
+                    content.append({"type": "text", "text": part.text})
                     continue
                 param = f"messages[{i}].content[{j}].image_url.url"
+                if len(images) == limits.max_images:
+                    raise APIError(400, f"{param}: at most {limits.max_images} images per request", param=param,
+                                   code="too_many_images")
                 try:
-                    decode_data_url(part.image_url.url)
+                    image = decode_data_url(part.image_url.url, limits)
                 except ImageError as e:
                     raise APIError(400, f"{param}: {e}", param=param, code="invalid_image") from e
-                if not state.served.has_vision:
-                    raise APIError(400, f"the model {state.names[0]!r} cannot read images (it has no vision encoder "
-                                   "yet); send text only", param=param, code="image_input_not_supported")
-            text = "".join(texts)
-        else:
-            text = m.content or ""
-        plain.append({"role": "system" if m.role == "developer" else m.role, "content": text})
-    ids, _ = render_chat(state.tok, plain, add_generation_prompt=True)
-    return ids
+                if vlm is None:
+                    raise APIError(400, f"the model {state.names[0]!r} cannot read images (it has no vision encoder); "
+                                   "send text only", param=param, code="image_input_not_supported")
+                images.append(preprocess([image], vlm.cfg.vision))  # at once: one full-size image in memory at most
+                content.append({"type": "image_url", "image_url": {"url": part.image_url.url}})
+        plain.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    ids, _ = render_chat(state.tok, plain, add_generation_prompt=True, image_tokens=vlm.cfg.image_tokens if vlm else 0)
+    return ids, (torch.cat(images) if images else None)
 
 
 def completion_prompts(state: ServingState, prompt) -> list[tuple[str, list[int]]]:

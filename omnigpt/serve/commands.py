@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 
@@ -23,6 +24,10 @@ def add_commands(sub) -> None:
     p.add_argument("--max-seq-len", type=int, default=None, help="context per sequence (default the model's)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond which the server answers 429")
     p.add_argument("--max-body-mb", type=float, default=16, help="larger request bodies are answered 413")
+    p.add_argument("--max-image-mb", type=float, default=None,
+                   help="larger images are answered 400 (default 10; omnigpt.serve.images.ImageLimits)")
+    p.add_argument("--max-image-pixels", type=int, default=None,
+                   help="images of more pixels (width x height) are answered 400 (default 25,000,000)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the model (default torch's; 1 is fastest for tiny models or busy machines)")
@@ -36,6 +41,8 @@ def add_commands(sub) -> None:
     c.add_argument("--temperature", type=float, default=None)
     c.add_argument("--max-tokens", type=int, default=None)
     c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="attach a local image file to the first message (repeat for several; /image PATH in the chat)")
     c.set_defaults(func=cmd_chat)
 
 
@@ -69,19 +76,34 @@ def cmd_serve(args) -> int:
     if args.max_batch_size:
         config.max_batch_size = args.max_batch_size
     app = create_app(served, config, api_key=args.api_key, model_names=args.model_names,
-                     max_body_bytes=int(args.max_body_mb * 2**20))
+                     max_body_bytes=int(args.max_body_mb * 2**20),
+                     image_limits=image_limits(args))
     names = ", ".join(app.state.serving.names)
     kv_mb = config.kv_cache_bytes(served.model.cfg, dtype) / 2**20
     print(f"omnigpt serve: {served.path} as {names} on {device} ({dtype_name}); {config.max_batch_size} rows x "
           f"{app.state.serving.engine.max_seq_len} tokens of KV cache ({kv_mb:.0f} MiB)")
+    if served.vlm is not None:
+        vc = served.vlm.cfg
+        print(f"  reads images ({vc.fusion} fusion, {vc.vision.image_size}px): {vc.image_tokens + 2} prompt tokens each")
     print(f"  web chat: http://{args.host}:{args.port}/   API: http://{args.host}:{args.port}/v1"
           + ("   (API key required)" if args.api_key else ""))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
 
+def image_limits(args):
+    from omnigpt.serve.images import ImageLimits
+
+    limits = ImageLimits()
+    if args.max_image_mb is not None:
+        limits = dataclasses.replace(limits, max_bytes=int(args.max_image_mb * 2**20))
+    if args.max_image_pixels is not None:
+        limits = dataclasses.replace(limits, max_pixels=args.max_image_pixels)
+    return limits
+
+
 def cmd_chat(args) -> int:
     from omnigpt.serve.chat_client import run_chat
 
     return run_chat(args.base_url, args.model, args.api_key, system=args.system, temperature=args.temperature,
-                    max_tokens=args.max_tokens, seed=args.seed)
+                    max_tokens=args.max_tokens, seed=args.seed, images=args.image)

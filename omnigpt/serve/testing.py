@@ -1,4 +1,5 @@
-"""Helpers for tests and benchmarks: a tiny random checkpoint, and a real uvicorn server in a thread.
+"""Helpers for tests and benchmarks: tiny random checkpoints (text, or vision-language), and a real uvicorn server
+in a thread.
 
 The server listens on a real loopback socket (port chosen by the OS), so clients under test talk HTTP exactly
 as they would to `omnigpt serve`.
@@ -22,22 +23,52 @@ WORDS = ("the quick brown fox jumps over a lazy dog while hello world says hi to
          '" true false null 0 1 2 3 4 5 6 7 8 9 . - é 世界 🎉 json name age list').split()
 
 
-def make_tiny_checkpoint(out_dir: str | Path, vocab_size: int = 512, max_seq_len: int = 512, seed: int = 0,
-                         name: str = "omnigpt-tiny", **model_overrides) -> Path:
-    """Train a small byte-level BPE on generated text and save a random tiny model with it."""
+def tiny_tokenizer(out_dir: Path, vocab_size: int = 512, seed: int = 0):
+    """A small byte-level BPE trained on generated text (its corpus is written to out_dir, then removed)."""
     from omnigpt.tokenizer.text import train_bpe
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    corpus = out / "corpus.txt"
+    corpus = out_dir / "corpus.txt"
     corpus.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 15))) for _ in range(2000)),
                       encoding="utf-8")
     tok = train_bpe([str(corpus)], vocab_size=vocab_size)
     corpus.unlink()
+    return tok
+
+
+def make_tiny_checkpoint(out_dir: str | Path, vocab_size: int = 512, max_seq_len: int = 512, seed: int = 0,
+                         name: str = "omnigpt-tiny", **model_overrides) -> Path:
+    """Train a small byte-level BPE on generated text and save a random tiny model with it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = tiny_tokenizer(out, vocab_size, seed)
     torch.manual_seed(seed)
     model = Transformer(tiny(vocab_size=tok.padded_vocab_size(), max_seq_len=max_seq_len, **model_overrides))
     return save_for_serving(model, tok, out, name=name)
+
+
+def make_tiny_vlm_checkpoint(out_dir: str | Path, fusion: str = "inline", vocab_size: int = 512, max_seq_len: int = 512,
+                             seed: int = 0, name: str = "omnigpt-tiny-vlm", **vlm_overrides) -> Path:
+    """A random tiny vision-language model (a 2-block ViT on 32px images + the tiny LM) and its tokenizer.
+    Inline: 2x2 pixel-shuffled patches, 4 tokens per image; cross: 4 resampled latents, gates opened a little (at
+    their initial 0 the images would change nothing)."""
+    from omnigpt.model.multimodal import VLM, VLMConfig
+    from omnigpt.model.vision import VisionConfig
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = tiny_tokenizer(out, vocab_size, seed)
+    torch.manual_seed(seed)
+    cfg = VLMConfig(vision=VisionConfig(image_size=32, patch_size=8, d_model=32, n_layers=2, n_heads=2, d_ff=64),
+                    text=tiny(vocab_size=tok.padded_vocab_size(), max_seq_len=max_seq_len), image_id=tok.image_id,
+                    fusion=fusion, pixel_shuffle=2 if fusion == "inline" else 1, n_latents=4, resampler_layers=1,
+                    resampler_heads=2, **vlm_overrides)
+    vlm = VLM(cfg)
+    with torch.no_grad():
+        for block in vlm.xattn.values():
+            block.attn_gate.fill_(0.03)  # (wider open, the random image attention drowns the text)
+            block.mlp_gate.fill_(0.5)
+    return save_for_serving(vlm, tok, out, name=name)
 
 
 class ServerThread:
