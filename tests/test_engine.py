@@ -29,10 +29,12 @@ def served(tmp_path_factory):
     return load_for_serving(make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt")))
 
 
-@pytest.fixture
-def engine(served):
+@pytest.fixture(params=[False, True], ids=["plain-decode", "static-decode"])
+def engine(served, request):
+    """Every engine test runs twice: with the plain decode step, and with the static-shape step that CUDA graphs
+    replay on a GPU (here without capture: the row buckets, parking slot and cache-length buckets are the same)."""
     with Engine(served.model, served.tokenizer, EngineConfig(cpu_threads=1, max_batch_size=4, prefix_cache_rows=4,
-                                                             prefill_chunk_tokens=24)) as e:
+                                                             prefill_chunk_tokens=24, decode_graphs=request.param)) as e:
         yield e
 
 
@@ -258,6 +260,18 @@ def test_compiled_decode_falls_back_to_eager_when_it_fails(served):
         e._decode_model = broken
         r = e.generate(served.tokenizer.encode("hi"), greedy(3))
         assert r.usage.completion_tokens == 3 and e._decode_model is e.model
+
+
+def test_static_decode_falls_back_to_the_plain_step_when_it_fails(served, monkeypatch):
+    from omnigpt.infer.cuda_graphs import CudaGraphDecoder
+
+    def broken(*a, **k):
+        raise RuntimeError("graph capture failed")
+    monkeypatch.setattr(CudaGraphDecoder, "step", broken)
+    prompt = served.tokenizer.encode("hi there")
+    with Engine(served.model, served.tokenizer, EngineConfig(cpu_threads=1, max_batch_size=4, decode_graphs=True)) as e:
+        r = e.generate(prompt, greedy(5))
+        assert r.choices[0].token_ids == reference_greedy(served, prompt, 5) and e._row_buckets == []
 
 
 def test_many_threads_submit_at_once(served, engine):

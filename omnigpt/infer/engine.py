@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from omnigpt.infer.cuda_graphs import CudaGraphDecoder
 from omnigpt.infer.image_rows import ImageRows, RequestImages
 from omnigpt.infer.json_constraint import JsonConstraint, JsonConstraintFactory, SchemaError, TokenVocab
 from omnigpt.infer.kv_rows import CacheRows, PrefixCache, copy_slots
@@ -86,7 +87,11 @@ class EngineConfig:
     prefix_cache_rows: int = 8  # rows keeping recent prompts' KV for reuse (part of the memory budget)
     prefix_cache_min_tokens: int = 16  # shorter prompts are not worth a row
     prefill_chunk_tokens: int = 1024  # prompt tokens read per step, across requests
-    compile_decode: bool = False  # torch.compile the model for decode steps (GPU; slow to warm up on CPU)
+    compile_decode: bool = False  # torch.compile the decode step (GPU; each new graph bucket compiles, ~40 s at 1B)
+    # Decode through static-shape steps replayed as CUDA graphs (omnigpt/infer/cuda_graphs.py), one per (rows
+    # bucket, cache-length bucket). None: on when the model is on CUDA. True on CPU runs the same static step
+    # without capture (how the tests check it); False: the plain step, shapes following the batch.
+    decode_graphs: bool | None = None
     cpu_threads: int | None = None  # intra-op threads of the engine thread (None: torch's default). On a small
     # CPU model 1 is fastest, and far faster when other processes compete for the cores.
 
@@ -384,7 +389,11 @@ class Engine:
         self._outbox: list[tuple[RequestHandle, Event]] = []  # events of the current step, sent at its end
         self._json_lock = threading.Lock()
         self._decode_model = self.model
-        if config.compile_decode:
+        use_graphs = self.device.type == "cuda" if config.decode_graphs is None else config.decode_graphs
+        # Row buckets 1, 2, 4, ... rows: the lowest free rows are used first, so live rows sit at the bottom.
+        self._row_buckets = sorted({min(2 ** i, rows) for i in range(rows.bit_length() + 1)}) if use_graphs else []
+        self._graph_decoders: dict[int, CudaGraphDecoder] = {}
+        if config.compile_decode and not use_graphs:
             self._decode_model = torch.compile(self.model, dynamic=True)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -702,29 +711,54 @@ class Engine:
         """One token per sequence: write each pending token at its position, return the next logits (B, V)."""
         tokens = torch.tensor([[s.pending] for s in seqs], device=self.device)
         pos = torch.tensor([[s.pos] for s in seqs], device=self.device)
-        view = CacheRows(self.cache, [s.row for s in seqs])
         rows = [s.group.images for s in seqs]
         if any(r is not None for r in rows) and self.images.decode_needs_images:
             with sdpa_kernel(ATTENTION_BACKENDS):  # eager: the media change with the rows
-                out = self.images.forward(self.model, tokens, pos, view, rows)
+                logits = self.images.forward(self.model, tokens, pos, CacheRows(self.cache, [s.row for s in seqs]),
+                                             rows).logits[:, -1]
+        elif self._row_buckets:
+            logits = self._decode_static(seqs, tokens, pos)
         else:
-            out = self._decode_text(tokens, pos, view)
+            logits = self._decode_text(seqs, tokens, pos)
         for s in seqs:
             s.pos += 1
             s.pending = None
-        return out.logits[:, -1].float()
+        return logits.float()
 
-    def _decode_text(self, tokens: torch.Tensor, pos: torch.Tensor, view: CacheRows):
+    def _decode_text(self, seqs: list[_Sequence], tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        view = CacheRows(self.cache, [s.row for s in seqs])
         try:
             with sdpa_kernel(ATTENTION_BACKENDS):
-                return self._decode_model(tokens, pos_BT=pos, cache=view)
+                return self._decode_model(tokens, pos_BT=pos, cache=view).logits[:, -1]
         except Exception:
             if self._decode_model is self.model:
                 raise
             log.exception("compiled decode step failed; falling back to eager")
             self._decode_model = self.model
             with sdpa_kernel(ATTENTION_BACKENDS):
-                return self.model(tokens, pos_BT=pos, cache=view)
+                return self.model(tokens, pos_BT=pos, cache=view).logits[:, -1]
+
+    def _decode_static(self, seqs: list[_Sequence], tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The decode step over rows 0..n-1 of the cache (n: the rows bucket holding every live row), idle rows
+        writing into the parking slot; the same static shapes every step, so it replays as a CUDA graph."""
+        live = [s.row for s in seqs]
+        n = next(b for b in self._row_buckets if b > max(live))
+        try:
+            dec = self._graph_decoders.get(n)
+            if dec is None:
+                # torch.compile'd kernels pay at small batches; at 128 rows the eager ones were faster (H100).
+                compile = self.config.compile_decode and n <= 32
+                dec = self._graph_decoders[n] = CudaGraphDecoder(self.model, n, self.max_seq_len, compile=compile,
+                                                                 cache=self.cache, graphs=self.device.type == "cuda")
+            rows = torch.tensor(live, device=self.device)
+            all_tokens = torch.zeros(n, dtype=torch.long, device=self.device).index_copy_(0, rows, tokens.view(-1))
+            all_pos = torch.full((n,), self.parking_slot, dtype=torch.long, device=self.device).index_copy_(0, rows, pos.view(-1))
+            with sdpa_kernel(ATTENTION_BACKENDS):
+                return dec.step(all_tokens, all_pos, max(s.pos for s in seqs)).index_select(0, rows)
+        except Exception:
+            log.exception("static (CUDA-graph) decode step failed; decoding with the plain step from now on")
+            self._row_buckets = []
+            return self._decode_text(seqs, tokens, pos)
 
     # -- sampling ----------------------------------------------------------------------------------------------
     def _sample(self, seqs: list[_Sequence], raw_BV: torch.Tensor) -> None:
