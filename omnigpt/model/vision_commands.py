@@ -188,7 +188,8 @@ def cmd_ask(args) -> None:
             if im.width * im.height > 40_000_000:
                 raise ValueError(f"{path}: {im.width}x{im.height} is too many pixels")
             images.append(im.convert("RGB"))
-    content = [{"type": "image_url", "image_url": {"url": p}} for p in args.image] + [{"type": "text", "text": args.question}]
+    # question first, as in training (the image tokens then see the question) and as the web page and chat send it
+    content = [{"type": "text", "text": args.question}] + [{"type": "image_url", "image_url": {"url": p}} for p in args.image]
     prompt, _ = render_chat(tok, [{"role": "user", "content": content}], add_generation_prompt=True,
                             image_tokens=vlm.cfg.image_tokens)
     pixels = preprocess(images, vlm.cfg.vision).to(device)
