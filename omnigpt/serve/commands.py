@@ -28,7 +28,7 @@ def add_commands(sub) -> None:
                    help="larger images are answered 400 (default 10; omnigpt.serve.images.ImageLimits)")
     p.add_argument("--max-image-pixels", type=int, default=None,
                    help="images of more pixels (width x height) are answered 400 (default 25,000,000)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step's kernels (GPU; ~90 s warm-up at 1B)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the model (default torch's; 1 is fastest for tiny models or busy machines)")
     p.set_defaults(func=cmd_serve)
