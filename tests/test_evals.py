@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 import torch
 
+from omnigpt import cli
 from omnigpt.config import ModelConfig
 from omnigpt.evals import tasks as T
 from omnigpt.evals.humaneval import pass_at_k, program, run_humaneval, truncate
@@ -298,3 +299,59 @@ def test_eval_command_end_to_end(tmp_path, capsys):
     res = json.loads((out / "results.json").read_text())
     assert "does not exist" in res["tasks"]["mc:" + str(tmp_path / "missing.jsonl")]["error"]
     assert res["tasks"]["mc-synthetic"]["n"] == 2 and "| error |" in (out / "report.md").read_text()
+
+
+def test_vqa_task_runs_on_a_checkpoint_and_on_its_server_with_the_same_questions(tmp_path):
+    """`omnigpt eval vqa` on a vision checkpoint and on a server serving it. The server is asked exactly what the
+    checkpoint is asked: the prompt it renders from the request equals the evaluation's prompt token for token,
+    and the PNG data URLs carry the scene pixels unchanged. (The answers themselves differ on a random model:
+    the engine never emits special tokens, the local generate may.) A text-only model is told what vqa needs."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from omnigpt.evals import vqa
+    from omnigpt.infer.engine import EngineConfig
+    from omnigpt.serve.app import create_app
+    from omnigpt.serve.checkpoint import load_for_serving
+    from omnigpt.serve.testing import ServerThread, make_tiny_checkpoint, make_tiny_vlm_checkpoint
+    from omnigpt.tokenizer.chat import render_chat
+
+    ckpt = make_tiny_vlm_checkpoint(tmp_path / "vlm", max_seq_len=256)
+    common = ["--limit", "2", "--vqa-n", "1,3", "--image-size", "32"]
+    assert cli.main(["eval", "vqa", "--model", str(ckpt), "--device", "cpu", "--out", str(tmp_path / "local"), *common]) == 0
+    local = json.loads((tmp_path / "local" / "results.json").read_text())["tasks"]["vqa"]
+    served = load_for_serving(ckpt)
+    sent = []
+
+    class Recorder:  # what api_answers sends, answered by the real server
+        def __init__(self, api):
+            self.api = api
+
+        def generate(self, prompts, **kw):
+            sent.extend(prompts)
+            return self.api.generate(prompts, **kw)
+
+    with ServerThread(create_app(served, EngineConfig(cpu_threads=1, max_batch_size=4))) as srv:
+        assert cli.main(["eval", "vqa", "--api", srv.url, "--out", str(tmp_path / "api"), *common]) == 0
+        tok, cfg = served.tokenizer, served.vlm.cfg
+        samples = vqa.eval_samples(tok, cfg.image_tokens, 3, 2, cfg.vision.image_size)
+        answers = vqa.api_answers(Recorder(ApiLM(srv.url)), tok, samples)
+    api = json.loads((tmp_path / "api" / "results.json").read_text())["tasks"]["vqa"]
+    for report in (local, api):
+        assert set(report["by_n"]) == {"1", "3"} and set(report["by_n"]["3"]) >= {"color", "position", "where", "multi"}
+        assert 0 <= report["acc"] <= 1 and "color@N=3" in report
+    assert len(answers) == len(samples) == len(sent) and all(isinstance(a, str) for a in answers)
+    for s, content in zip(samples, sent):
+        prompt, _ = render_chat(tok, [{"role": "user", "content": content}], add_generation_prompt=True,
+                                image_tokens=cfg.image_tokens)
+        assert prompt == s.ids[: s.prompt_len]
+        urls = [p["image_url"]["url"] for p in content if p["type"] == "image_url"]
+        got = [np.asarray(Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))).convert("RGB")) for u in urls]
+        assert len(got) == len(s.images) and all(np.array_equal(a, b) for a, b in zip(got, s.images))
+
+    text_only = make_tiny_checkpoint(tmp_path / "text")
+    assert cli.main(["eval", "vqa", "--model", str(text_only), "--device", "cpu", "--out", str(tmp_path / "t"), *common]) == 2
+    assert "vision checkpoint" in (tmp_path / "t" / "report.md").read_text()

@@ -2,6 +2,7 @@
 
     omnigpt eval val-loss dict-def arithmetic --model runs/tiny --data corpus/ --out evals/tiny
     omnigpt eval mc:my_task.jsonl humaneval --api http://localhost:8000 --api-model omnigpt --limit 20
+    omnigpt eval vqa --model runs/vlm/inline --vqa-n 1,2,4,8,16 --limit 100   # ShapeBind VQA (or --api a vision server)
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--k", default="1", help="humaneval: comma-separated k of pass@k (each <= --samples)")
     p.add_argument("--temperature", type=float, help="humaneval sampling temperature (default 0 for 1 sample, else 0.8)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vqa-n", default="1,2,4", help="vqa: objects per scene, comma-separated")
+    p.add_argument("--image-size", type=int, default=128, help="vqa with --api: scene size sent (a checkpoint uses its own)")
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--out", default="evals", metavar="DIR", help="writes DIR/results.json and DIR/report.md")
     p.set_defaults(func=cmd_eval)
@@ -49,7 +52,12 @@ def cmd_eval(args) -> int:
     check_tasks(args.tasks)
     lm = (ApiLM(args.api, args.api_model, args.api_key, chat=not args.completions) if args.api
           else LocalLM.load(args.model, args.tokenizer, device=args.device))
-    s = EvalSettings(data=args.data, limit=args.limit, seed=args.seed, n_samples=args.samples, ks=ks, temperature=args.temperature)
+    try:
+        vqa_n = tuple(int(n) for n in args.vqa_n.split(","))
+    except ValueError:
+        raise CommandError(f"--vqa-n {args.vqa_n!r}: expected comma-separated integers") from None
+    s = EvalSettings(data=args.data, limit=args.limit, seed=args.seed, n_samples=args.samples, ks=ks, temperature=args.temperature,
+                     extra={"vqa_n": vqa_n, "image_size": args.image_size})
     res = run_eval(lm, args.tasks, s)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,8 @@ from datetime import datetime, timezone
 
 from omnigpt.evals import tasks as T
 
-TASKS = ["val-loss", "dict-def", "dict-pos", "dict-cont", "mc:FILE", "mc-synthetic", "arithmetic", "gen:FILE", "humaneval"]
+TASKS = ["val-loss", "dict-def", "dict-pos", "dict-cont", "mc:FILE", "mc-synthetic", "arithmetic", "gen:FILE", "humaneval",
+         "vqa"]
 
 
 @dataclass
@@ -99,6 +100,16 @@ def run_task(lm, task: str, s: EvalSettings) -> dict:
 
         return run_humaneval(lm, n_samples=s.n_samples, ks=s.ks, limit=s.limit, temperature=s.temperature,
                              timeout=s.timeout, seed=s.seed)
+    if task == "vqa":  # ShapeBind questions with images: a vision checkpoint, or a server that has one
+        from omnigpt.evals.lm import ApiLM
+        from omnigpt.evals.vqa import api_vqa, eval_vqa, vqa_summary
+
+        n_values, per_type = s.extra.get("vqa_n", (1, 2, 4)), s.limit or 20
+        if getattr(lm, "vlm", None) is not None:
+            return vqa_summary(eval_vqa(lm.vlm, lm.tok, n_values, per_type, seed=s.seed, log=lambda *a: None))
+        if isinstance(lm, ApiLM):
+            return vqa_summary(api_vqa(lm, n_values, per_type, s.extra.get("image_size", 128), seed=s.seed, log=lambda *a: None))
+        raise ValueError("vqa needs a vision checkpoint (omnigpt vision train-vlm) or --api of a server serving one")
     raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
 
 
@@ -128,5 +139,6 @@ def run_eval(lm, tasks: list[str], s: EvalSettings, log=print) -> dict:
 
 def headline(task: str, out: dict) -> list[tuple[str, float]]:
     """The few numbers of a task's result that go in the summary line and the report card."""
-    keys = ["loss", "bpb", "acc", "acc_norm", "acc_pmi", "logp_correct", "logp_norm", "logp_pmi", "chance", "exact_match"] + [k for k in out if k.startswith("pass@")]
+    keys = ["loss", "bpb", "acc", "acc_norm", "acc_pmi", "logp_correct", "logp_norm", "logp_pmi", "chance", "exact_match"] + [
+        k for k in out if k.startswith("pass@") or "@N=" in k]
     return [(k, float(out[k])) for k in keys if k in out and isinstance(out[k], (int, float))]

@@ -61,6 +61,14 @@ class LocalLM:
         if spec is None:
             raise FileNotFoundError(f"{path}: no tokenizer/ folder beside the checkpoint or above it; pass --tokenizer")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        from omnigpt.model.multimodal import CONFIG_KEY as VLM_CONFIG_KEY, load_vlm
+        from omnigpt.model.weights import read_config
+
+        if VLM_CONFIG_KEY in read_config(ckpt):  # a vision-language model: text tasks run on its LM, vqa on all of it
+            vlm = load_vlm(ckpt, device=device).eval()
+            lm = cls(vlm.lm, load_tokenizer(str(spec)), device=device, **kw)
+            lm.vlm = vlm
+            return lm
         return cls(load_model(ckpt, device=device), load_tokenizer(str(spec)), device=device, **kw)
 
     @property
@@ -189,8 +197,11 @@ class ApiLM:
         vals = [lp for lp, o in zip(lps, offs) if lp is not None and o < len(text)]
         return float(sum(vals)), len(vals)
 
-    def generate(self, prompts: list[str], max_tokens: int = 64, stop: list[str] | tuple[str, ...] = (),
+    def generate(self, prompts: list[str | list[dict]], max_tokens: int = 64, stop: list[str] | tuple[str, ...] = (),
                  temperature: float = 0.0, seed: int | None = None) -> list[str]:
+        """One completion per prompt. With chat, a prompt may also be a list of content parts (text, image_url)."""
+        if not self.chat and any(not isinstance(p, str) for p in prompts):
+            raise ValueError("content parts (images) need chat completions, not --completions")
         outs = []
         for i, p in enumerate(prompts):
             body = {"max_tokens": max_tokens, "temperature": temperature, **({"stop": list(stop)[:4]} if stop else {}),

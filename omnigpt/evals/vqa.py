@@ -96,22 +96,72 @@ def answer_samples(vlm: VLM, tok, samples: list[Sample], batch_size: int = 64) -
 def eval_vqa(vlm: VLM, tok, n_values=(1, 2, 4, 8, 12, 16), per_type: int = 50, types=EVAL_TYPES,
              batch_size: int = 64, seed: int = 0, log=print) -> dict:
     """{"by_n": {N: {type: accuracy}}, "examples": [...a few wrong answers...]}."""
-    image_size = vlm.cfg.vision.image_size
+    return score_vqa(lambda samples: answer_samples(vlm, tok, samples, batch_size), tok, vlm.cfg.image_tokens,
+                     vlm.cfg.vision.image_size, n_values, per_type, types, seed, log)
+
+
+def score_vqa(answer, tok, image_tokens: int, image_size: int, n_values, per_type: int, types=EVAL_TYPES,
+              seed: int = 0, log=print) -> dict:
+    """The held-out questions for each N, answered by `answer(samples) -> texts`, scored by exact match."""
     by_n, wrong = {}, []
     for n in n_values:
-        samples = eval_samples(tok, vlm.cfg.image_tokens, n, per_type, image_size, types, seed)
-        answers = answer_samples(vlm, tok, samples, batch_size)
+        samples = eval_samples(tok, image_tokens, n, per_type, image_size, types, seed)
+        answers = answer(samples)
         scores: dict[str, list[int]] = {}
         for s, a in zip(samples, answers):
             t = s.kind.removeprefix("qa:")
             ok = final_answer(s.kind, a) == final_answer(s.kind, s.answer)
             scores.setdefault(t, []).append(int(ok))
             if not ok and len(wrong) < 20:
-                wrong.append({"n": n, "type": t, "prompt": tok.decode(s.ids[: s.prompt_len]).split("<|image_end|>")[-1],
-                              "answer": s.answer, "got": a})
+                wrong.append({"n": n, "type": t, "prompt": user_text(tok, s), "answer": s.answer, "got": a})
         by_n[n] = {t: sum(v) / len(v) for t, v in scores.items()}
         log(f"[eval] N={n}: " + "  ".join(f"{t} {100 * a:.1f}" for t, a in by_n[n].items()))
     return {"by_n": by_n, "per_type": per_type, "examples": wrong}
+
+
+def user_text(tok, s: Sample) -> str:
+    """The question of a sample's (single) user turn: its text part, before the image placeholders."""
+    prompt = tok.decode(s.ids[: s.prompt_len])
+    return prompt.split("<|im_start|>user\n", 1)[-1].split("<|image_start|>", 1)[0]
+
+
+def api_answers(lm, tok, samples: list[Sample]) -> list[str]:
+    """Ask an OpenAI-compatible server (omnigpt.evals.lm.ApiLM) each question with its images as PNG data URLs,
+    text first as in training; greedy."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    def data_url(image: np.ndarray) -> str:
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, "PNG")  # (H, W, 3) uint8, as rendered
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    out = []
+    for s in samples:
+        content = [{"type": "text", "text": user_text(tok, s)}] + [{"type": "image_url", "image_url": {"url": data_url(im)}}
+                                                                  for im in s.images]
+        out.append(lm.generate([content], max_tokens=max_new_tokens(s), temperature=0.0)[0].strip())
+    return out
+
+
+def api_vqa(lm, n_values=(1, 2, 4), per_type: int = 20, image_size: int = 128, types=EVAL_TYPES, seed: int = 0,
+            log=print) -> dict:
+    from omnigpt.data.vision_samples import shapebind_tokenizer
+
+    tok = shapebind_tokenizer()  # builds the question samples; the server tokenizes the text its own way
+    return score_vqa(lambda samples: api_answers(lm, tok, samples), tok, 1, image_size, n_values, per_type, types, seed, log)
+
+
+def vqa_summary(res: dict) -> dict:
+    """Flat figures for a report card: overall accuracy, and per type at the smallest and largest N."""
+    cells = [a for row in res["by_n"].values() for a in row.values()]
+    out = {"acc": sum(cells) / len(cells) if cells else 0.0}
+    for n in (min(res["by_n"]), max(res["by_n"])):
+        out.update({f"{t}@N={n}": a for t, a in res["by_n"][n].items()})
+    examples = [{**e, "expected": e["answer"]} for e in res["examples"]]  # the report card's wording
+    return {**out, **res, "examples": examples}
 
 
 def format_table(results: dict[str, dict], extra: dict[str, dict] | None = None) -> str:
