@@ -154,3 +154,69 @@ def test_scaling_cli_sweeps_tiny_runs_and_refuses_oversized_fit(tmp_path, capsys
     # Resumable: a second sweep trains nothing new.
     assert main(["scaling", "sweep", "--values", "8,12,16", *common]) == 0
     assert len((tmp_path / "ladder" / "runs.jsonl").read_text().splitlines()) == 3
+
+
+def test_plan_fixed_batch_or_fixed_steps():
+    p = plan_run(48, LadderSpec(n_heads=2), 320)  # default: 4 rows per step at every size, the steps take the rest
+    assert p.batch_size == 4 and p.steps == round(20 * p.params / (4 * 128))
+    q = plan_run(48, LadderSpec(n_heads=2, batch_size=None, steps_ref=300), 320)  # the old rule: 300 steps, batch grows
+    assert abs(q.steps - 300) <= 15 and q.batch_size > 4
+    assert plan_run(8, LadderSpec(n_heads=2), 320).lr == pytest.approx(5e-3 * 64 / 8)
+
+
+def test_recipe_knobs_reach_the_trainer(tmp_path, monkeypatch):
+    import omnigpt.train.trainer as trainer
+    from omnigpt.scaling.ladder import run_one
+    from omnigpt.train.synthetic import write_synthetic_corpus
+
+    write_synthetic_corpus(tmp_path / "corpus", {"alpha": 20}, vocab=64, val_docs=2)
+    seen = {}
+
+    def fake_train(cfg, tc, data):
+        seen.update(tc=tc, cfg=cfg)
+        raise FloatingPointError("stop here")
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    spec = LadderSpec(seq_len=32, head_dim=8, n_heads=None, tokens_per_param=2, batch_size=2, beta2=0.99,
+                      min_lr_ratio=0.0, weight_decay=0.05, warmup_frac=0.1, downstream="")
+    rec = run_one(plan_run(16, spec, 64), spec, tmp_path / "corpus", tmp_path / "out", log=lambda m: None)
+    tc = seen["tc"]
+    assert (tc.batch_size, tc.beta2, tc.min_lr_ratio, tc.weight_decay) == (2, 0.99, 0.0, 0.05)
+    assert tc.warmup_steps == max(1, round(0.1 * tc.steps)) and tc.schedule == "cosine"
+    assert rec["diverged"] == "stop here" and rec["recipe"]["beta2"] == 0.99
+    assert rec["recipe"]["tokenizer_sha256"] == "synthetic-64"
+
+
+def test_sweep_refuses_to_mix_recipes(tmp_path):
+    from omnigpt.scaling.ladder import append_run, sweep
+    from omnigpt.train.synthetic import write_synthetic_corpus
+
+    write_synthetic_corpus(tmp_path / "corpus", {"alpha": 20}, vocab=64, val_docs=2)
+    spec = LadderSpec(seq_len=32, head_dim=8, n_heads=None, tokens_per_param=2, downstream="")
+    append_run(tmp_path / "out" / "runs.jsonl", {"name": "width8-r2", "spec": {}, "recipe": {"lr": 0.01}})
+    with pytest.raises(ValueError, match="another recipe or corpus"):
+        sweep([8], spec, tmp_path / "corpus", tmp_path / "out", log=lambda m: None)
+
+
+def test_accuracy_at_the_prior_is_refused_a_rising_one_is_not():
+    C = [1e9, 2e9, 4e9, 8e9]
+    flat = records([3.0, 2.9, 2.8, 2.7], flops=C)
+    for r, a in zip(flat, [0.770, 0.772, 0.771, 0.775]):  # a tag task where 77% of the answers are "n"
+        r.update(mc_acc=a, mc_prior=0.7735, mc_n=574)
+    with pytest.raises(ScalingError, match="without reading the question"):
+        predict(flat, "big", 1e12, metric="mc_acc")
+    predict(flat, "big", 1e12, metric="val_loss")  # the loss of the same runs is fine
+    rising = records([3.0, 2.9, 2.8, 2.7], flops=C)
+    for r, a in zip(rising, [0.30, 0.34, 0.38, 0.42]):
+        r.update(mc_acc=a, mc_prior=0.25, mc_n=400)
+    pred, _ = predict(rising, "big", 1e12, metric="mc_acc")
+    assert 0.42 < pred.predicted < 1
+
+
+def test_answer_prior_is_chance_or_the_most_common_answer():
+    from omnigpt.evals.tasks import MCItem
+    from omnigpt.scaling.ladder import answer_prior
+
+    tags = ["n", "v", "adj", "adv"]
+    assert answer_prior([MCItem("a\n", tags, 0)] * 3 + [MCItem("b\n", tags, 1)]) == pytest.approx(0.75)
+    assert answer_prior([MCItem("q", [f" {i}{j}" for j in range(4)], 0) for i in range(5)]) == pytest.approx(0.25)

@@ -46,6 +46,11 @@ def _family_args(p) -> None:
     o.add_argument("--steps-ref", type=int, default=d.steps_ref, help="optimizer steps of a 1M-token run")
     o.add_argument("--steps-power", type=float, default=d.steps_power, help="steps grow as D^power; the batch takes the rest")
     o.add_argument("--max-batch", type=int, default=d.max_batch)
+    o.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="a fixed batch (rows per step) at every size, the steps taking the rest (0: --steps-ref/--steps-power)")
+    o.add_argument("--beta2", type=float, default=d.beta2, help="AdamW second-moment decay")
+    o.add_argument("--warmup-frac", type=float, default=d.warmup_frac)
+    o.add_argument("--weight-decay", type=float, default=d.weight_decay)
     o.add_argument("--seed", type=int, default=d.seed)
     o.add_argument("--seeds", help="train each size with these seeds (comma-separated), e.g. 0,1: the fit averages seed noise")
     o.add_argument("--val-tokens", type=int, default=d.val_tokens, help="val tokens scored per source")
@@ -101,11 +106,16 @@ def add_commands(subparsers) -> None:
     q.add_argument("--target", type=int, required=True, help="dial value of the run to predict")
     q.add_argument("--max-fraction", type=float, help="largest compute of a fitted run as a fraction of the target's "
                                                       "(default 0.01 on CPU, 0.001 on GPU)")
-    q.add_argument("--downstream-metric", default="mc_logp_correct",
-                   help="run-record metric predicted alongside the loss (mc_logp_correct, mc_acc, ...; '' for none)")
+    q.add_argument("--downstream-metric", default="mc_logp_pass,mc_logp_correct,mc_acc",
+                   help="run-record metrics predicted alongside the loss, comma-separated (mc_logp_pass: the mean log "
+                        "pass rate; mc_logp_correct: mean log p of the right choice among the choices; mc_acc: "
+                        "accuracy, refused while the small runs sit at chance; '' for none)")
     q.add_argument("--downstream-max-fraction", type=float, help="like --max-fraction, for the downstream metric (default: the same)")
-    q.add_argument("--irreducible", default="auto", help="the floor c of L(C): a number fixes it, 'fit' fits it, 'auto' "
-                                                         "(default) picks fitted c or c = 0 by a backtest on the small runs")
+    q.add_argument("--irreducible", default="0", help="the floor c of L(C): a number fixes it (default 0: a pure power "
+                                                      "law), 'fit' fits it, 'auto' picks fitted c or c = 0 by a backtest "
+                                                      "on the small runs. Fit runs spanning a decade or two do not "
+                                                      "identify c: a fitted floor bent every held-out backtest of the "
+                                                      "CPU ladder (benchmarks/RESULTS.md)")
     q.add_argument("--no-train", action="store_true", help="only predict; do not train the target")
     _family_args(q)
     q.set_defaults(func=cmd_predict)
@@ -215,23 +225,30 @@ def cmd_predict(args) -> int:
         errs = ", ".join(f"{k} {100 * v:.2f}%" for k, v in pred.extra["backtest_error"].items())
         print(f"[scaling] backtest on the largest small runs: {errs}; using {pred.extra['chosen']}")
     print(f"[scaling] fit {laws['val_loss'].describe()}; predicted final val loss of {target.name}: {pred.predicted:.4f}")
-    dm = args.downstream_metric
-    if dm and all(dm in r for r in records):
+    refused = {}  # metric -> why no prediction (the runs sit at chance, ...); the outcome is still reported
+    for dm in [m.strip() for m in (args.downstream_metric or "").split(",") if m.strip()]:
+        if not all(dm in r for r in records):
+            continue
         try:
             p2, laws[dm] = predict(records, target.name, target.flops, metric=dm,
                                    max_fraction=args.downstream_max_fraction or max_fraction, irreducible=floor)
             preds[dm] = p2
             print(f"[scaling] predicted {dm} of {target.name}: {p2.predicted:.4f}")
         except ScalingError as e:
-            preds[dm] = None
+            refused[dm] = {"metric": dm, "refused": str(e), "small_runs": {r["name"]: r[dm] for r in records}}
             print(f"[scaling] {dm}: {e}")
+
+    def predictions() -> dict:
+        return {**{k: v.to_dict() for k, v in preds.items()}, **refused}
+
     doc = {"target": {"name": target.name, "params": target.params, "tokens": target.tokens, "flops": target.flops},
-           "max_fraction": max_fraction, "predictions": {k: v.to_dict() if v else None for k, v in preds.items()}}
+           "recipe": {k: v for k, v in vars(spec).items() if k not in ("device",)},
+           "max_fraction": max_fraction, "predictions": predictions()}
     (out / "prediction.json").write_text(json.dumps(doc, indent=2) + "\n")  # on disk before the target trains
     if args.no_train:
         return 0
 
-    done = {r["name"]: r for r in read_runs(out / "runs.jsonl")}
+    done = {r["name"]: r for r in read_runs(out / "runs.jsonl")}  # sweep() checked that they share the recipe
     if target.name in done:
         result = done[target.name]
         print(f"[scaling] {target.name} already trained ({out / 'runs.jsonl'})")
@@ -241,14 +258,16 @@ def cmd_predict(args) -> int:
         append_run(out / "runs.jsonl", result)
     if result.get("diverged") or not math.isfinite(result.get("val_loss", float("nan"))):
         raise ScalingError(f"the target run {target.name} diverged ({result.get('diverged')}); no error to report")
+    for k, r in refused.items():
+        r["actual"] = result.get(k)
     for k, p in preds.items():
-        if p is None or k not in result:
+        if k not in result:
             continue
         score(p, result[k])
         plot_prediction([r for r in records if r["name"] in p.fit_runs], laws[k], p, out / f"predict_{k}.png")
         print(f"[scaling] {k}: predicted {p.predicted:.4f}, actual {p.actual:.4f}, error {100 * p.error:+.2f}% "
               f"(plot {out / f'predict_{k}.png'})")
-    doc["predictions"] = {k: v.to_dict() if v else None for k, v in preds.items()}
+    doc["predictions"] = predictions()
     doc["target"]["seconds"] = result.get("seconds")
     (out / "prediction.json").write_text(json.dumps(doc, indent=2) + "\n")
     return 0

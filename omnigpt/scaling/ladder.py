@@ -8,10 +8,14 @@ N is the config's matmul parameter count (`param_counts()["active_matmul"]`: wha
 tokens, C = flops_per_token(seq_len) * D (omnigpt's FLOPs convention, omnigpt/config.py).
 
 The recipe, identical at every size so that the runs are one family: D = tokens_per_param * N (or a fixed D);
-steps_ref * (D / 1M)^steps_power optimizer steps, the batch (rows per step, capped at `max_batch`) taking the rest
-(default: 300 steps at every size, the batch growing with D; a power-of-two batch rule makes the loss jump
-between neighbouring sizes, and steps growing as sqrt(D) bent the CPU ladder's curve); AdamW with
-lr = lr * (lr_ref_width / d_model)^lr_width_power; cosine schedule with 5% warmup to 10% of the peak.
+a fixed batch of `batch_size` rows (default 4 x 128 = 512 tokens) at every size, the steps taking the rest (D / 512),
+or steps_ref * (D / 1M)^steps_power steps with the batch taking the rest when batch_size is None or 0; AdamW
+(beta2 0.95) with lr = lr * (lr_ref_width / d_model)^lr_width_power (5e-3 * 64 / width); cosine schedule with 5%
+warmup to 10% of the peak. Why a small fixed batch: the old default (300 steps at every size, the batch growing
+with D) left the large runs step-limited (width 48: 0.11 nats better with twice the steps at the same tokens) while
+the small runs trained at 3-10 rows; at 4 rows every size from width 16 up is within noise of its loss at 2 rows,
+so the loss measures N and D, not how the tokens were split into steps. The lr is the optimum of a sweep
+(x0.25-x2) at widths 8-48. Both were chosen on backtests, not on the target (benchmarks/RESULTS.md).
 
 Each run trains through `omnigpt.train.trainer.train` (its public entry point; validation off there), then its
 final checkpoint is scored here on a fixed slice of the corpus's val split (same tokens for every run) and,
@@ -40,14 +44,17 @@ class LadderSpec:
     seq_len: int = 128
     tokens_per_param: float | None = 20.0  # compute-optimal style budget D = r * N ...
     tokens: int | None = None  # ... or a fixed budget for every run
-    lr: float = 1e-2
+    lr: float = 5e-3
     lr_ref_width: int = 64
     lr_width_power: float = 1.0
-    steps_ref: int = 300  # optimizer steps of a run of 1M tokens ...
-    steps_power: float = 0.0  # ... and steps grow as D^power (the batch takes the rest: D^(1 - power))
+    batch_size: int | None = 4  # rows per optimizer step at every size, the steps taking the rest (D / (4 * seq_len)) ...
+    steps_ref: int = 300  # ... or, with batch_size None/0: optimizer steps of a run of 1M tokens ...
+    steps_power: float = 0.0  # ... growing as D^power (the batch takes the rest: D^(1 - power))
     max_batch: int = 1024
     warmup_frac: float = 0.05
+    min_lr_ratio: float = 0.1  # the cosine schedule ends at this fraction of the peak lr
     weight_decay: float = 0.1
+    beta2: float = 0.95  # AdamW second-moment decay
     seed: int = 0
     val_tokens: int = 60_000  # per source, the same slice for every run
     downstream: str = "dict-cont"  # multiple-choice task scored on every run: dict-cont, dict-pos, dict-def or ""
@@ -97,8 +104,11 @@ def plan_run(value: int, spec: LadderSpec, vocab_size: int, tokens_per_param: fl
     ratio = tokens_per_param if tokens_per_param is not None else spec.tokens_per_param
     want = spec.tokens if ratio is None else ratio * N
     T = spec.seq_len
-    steps_want = spec.steps_ref * (want / 1e6) ** spec.steps_power
-    batch = max(1, min(spec.max_batch, int(round(want / (T * steps_want)))))
+    if spec.batch_size:
+        batch = spec.batch_size
+    else:
+        steps_want = spec.steps_ref * (want / 1e6) ** spec.steps_power
+        batch = max(1, min(spec.max_batch, int(round(want / (T * steps_want)))))
     steps = max(1, int(round(want / (batch * T))))
     D = steps * batch * T
     lr = spec.lr * (spec.lr_ref_width / cfg.d_model) ** spec.lr_width_power
@@ -173,8 +183,23 @@ def evaluate_run(ckpt_dir: Path, corpus_dir: str | Path, spec: LadderSpec, mc_it
         from omnigpt.data.shards import load_corpus_tokenizer
 
         mc = score_mc(LocalLM(model, load_corpus_tokenizer(corpus_dir), batch_size=32), mc_items)
-        out.update({"mc_" + k: v for k, v in mc.items() if k in ("acc", "acc_norm", "logp_correct", "logp_norm", "acc_pmi", "logp_pmi", "n")})
+        out.update({"mc_" + k: v for k, v in mc.items() if k in ("acc", "acc_norm", "logp_correct", "logp_norm", "acc_pmi", "logp_pmi", "n",
+                                                              "chance", "acc_stderr")})
+        out["mc_prior"] = answer_prior(mc_items)
+        # The GPT-4 report's "mean log pass rate" for a completion task: log p(right answer | context), summed over
+        # its tokens (the probability that sampling at temperature 1 writes exactly the right answer), item mean.
+        lm = LocalLM(model, load_corpus_tokenizer(corpus_dir), batch_size=32)
+        out["mc_logp_pass"] = float(sum(lm.loglikelihood([(it.context, it.choices[it.answer]) for it in mc_items])) / len(mc_items))
     return out
+
+
+def answer_prior(items) -> float:
+    """The accuracy a model reaches without reading the question: chance, or always giving the most common right
+    answer when the choices repeat across items (dict-pos: 'n', about 3 items in 4)."""
+    from collections import Counter
+
+    top = Counter(it.choices[it.answer] for it in items).most_common(1)[0][1] / len(items)
+    return max(top, sum(1 / len(it.choices) for it in items) / len(items))
 
 
 def run_one(plan: RunPlan, spec: LadderSpec, corpus_dir: str | Path, out_dir: str | Path, mc_items=None, log=print) -> dict:
@@ -190,12 +215,12 @@ def run_one(plan: RunPlan, spec: LadderSpec, corpus_dir: str | Path, out_dir: st
         shutil.rmtree(run_dir)  # a half-finished run from an interrupted sweep: start it again
     data, weights = train_data(corpus_dir)
     tc = TrainConfig(out_dir=str(run_dir), steps=plan.steps, batch_size=plan.batch_size, seq_len=spec.seq_len, lr=plan.lr,
-                     weight_decay=spec.weight_decay, warmup_steps=plan.warmup, schedule="cosine", min_lr_ratio=0.1,
+                     weight_decay=spec.weight_decay, beta2=spec.beta2, warmup_steps=plan.warmup, schedule="cosine", min_lr_ratio=spec.min_lr_ratio,
                      seed=plan.seed, weights=weights, log_every=max(1, plan.steps // 20), val_every=0, ckpt_every=0,
                      keep_checkpoints=1, plot=False, device=spec.device)
     record = {"name": plan.name, "dial": spec.dial, "value": plan.value, "seed": plan.seed, "params": plan.params, "params_total": plan.params_total,
               "tokens": plan.tokens, "flops": plan.flops, "steps": plan.steps, "batch_size": plan.batch_size, "seq_len": spec.seq_len,
-              "lr": plan.lr, "model": plan.cfg.to_dict(), "spec": asdict(spec)}
+              "lr": plan.lr, "model": plan.cfg.to_dict(), "spec": asdict(spec), "recipe": recipe_key(spec, corpus_dir)}
     log(f"[scaling] {plan.name}: N={plan.params:,} D={plan.tokens:,} C={plan.flops:.3g} ({plan.steps} steps x {plan.batch_size} x {spec.seq_len})")
     t0 = time.perf_counter()
     try:
@@ -216,6 +241,28 @@ def run_one(plan: RunPlan, spec: LadderSpec, corpus_dir: str | Path, out_dir: st
     return record
 
 
+def recipe_key(spec: LadderSpec, corpus_dir: str | Path) -> dict:
+    """What makes two runs of the same name comparable: the recipe (not the seed or the device) and the corpus's
+    tokenizer."""
+    from omnigpt.data.shards import read_manifest
+
+    key = {k: v for k, v in asdict(spec).items() if k not in ("seed", "device")}
+    key["tokenizer_sha256"] = read_manifest(corpus_dir)["tokenizer"].get("sha256")
+    return key
+
+
+def check_same_recipe(records: list[dict], spec: LadderSpec, corpus_dir: str | Path, where) -> None:
+    """Raise ValueError when OUT/runs.jsonl holds runs of another recipe or corpus: a resumed sweep would otherwise
+    mix them into one fit (runs are matched by name, which the recipe does not change)."""
+    want = recipe_key(spec, corpus_dir)
+    for r in records:
+        have = r.get("recipe")
+        if have != want:
+            diff = sorted(k for k in set(want) | set(have or {}) if (have or {}).get(k) != want.get(k))
+            raise ValueError(f"{where} holds run {r['name']} of another recipe or corpus (differs in: {', '.join(diff)}); "
+                             "choose another --out")
+
+
 def sweep(values: list[int], spec: LadderSpec, corpus_dir: str | Path, out_dir: str | Path, *,
           ratios: list[float] | None = None, seeds: list[int] | None = None, log=print) -> list[dict]:
     """Train every (value, tokens-per-param ratio, seed) not yet in OUT/runs.jsonl; return the records of these
@@ -226,6 +273,7 @@ def sweep(values: list[int], spec: LadderSpec, corpus_dir: str | Path, out_dir: 
     vocab = corpus_vocab(corpus_dir)
     plans = [plan_run(v, spec, vocab, r, sd) for v in values for r in (ratios or [None]) for sd in (seeds or [spec.seed])]
     done = {r["name"] for r in read_runs(runs_file)}
+    check_same_recipe(read_runs(runs_file), spec, corpus_dir, runs_file)
     todo = [p for p in plans if p.name not in done]
     mc_items = downstream_items(corpus_dir, spec.downstream, spec.mc_items, spec.seed) if todo else None
     for p in sorted(todo, key=lambda p: p.flops):

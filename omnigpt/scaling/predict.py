@@ -2,8 +2,10 @@
 
 Like the GPT-4 report's figures 1 and 2: fit L(C) = a C^-b + c on runs that each used at most `max_fraction` of
 the target's compute, write the prediction down before the target trains, train it, report the error, and plot
-fit, points, prediction and outcome. Downstream metrics are fitted as -log(metric) for rates (accuracy, pass rate;
-the report's "mean log pass rate") and as -metric for mean log-probabilities, with the same form.
+fit, points, prediction and outcome. Downstream metrics are fitted as -log(metric) for rates (accuracy) and as
+-metric for mean log-probabilities (`mc_logp_pass`, the report's "mean log pass rate": log p of the right answer,
+the probability that a sample at temperature 1 is exactly right), with the same form. A rate is refused while the
+small runs sit at what a model reaches without reading the question (chance or the most common answer).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ METRICS = {
     "mc_acc": ("neglog", "-log multiple-choice accuracy"),
     "mc_acc_norm": ("neglog", "-log multiple-choice accuracy (per byte)"),
     "mc_acc_pmi": ("neglog", "-log multiple-choice accuracy (calibrated)"),
-    "mc_logp_correct": ("negate", "-mean log p(correct choice)"),
+    "mc_logp_correct": ("negate", "-mean log p(right choice), renormalised over the choices"),
+    "mc_logp_pass": ("negate", "-mean log pass rate: log p(right answer | context), summed over its tokens"),
     "mc_logp_norm": ("negate", "-mean log p(correct choice), per-byte scores"),
     "mc_logp_pmi": ("negate", "-mean log p(correct choice), calibrated"),
 }
@@ -51,6 +54,28 @@ def check_runs(records: list[dict], metric: str = "val_loss") -> None:
             bad.append(f"{r['name']} ({metric} is {v})")
     if bad:
         raise ScalingError("refusing to predict: run(s) diverged: " + "; ".join(bad))
+
+
+def check_above_prior(records: list[dict], metric: str) -> None:
+    """Refuse (ScalingError) to extrapolate a rate (an accuracy) that the runs at the largest fitted compute hold
+    at the level a model reaches without reading the question (`mc_prior`: chance, or the most common answer's
+    share when the choices repeat): there is no trend yet, only the prior. Needs `mc_prior` in the records; the
+    margin is two standard errors of the mean accuracy over those runs."""
+    if METRICS.get(metric, ("identity",))[0] != "neglog":
+        return
+    priors = [r["mc_prior"] for r in records if r.get("mc_prior") is not None]
+    if not priors:
+        return
+    prior = max(priors)
+    top = max(r["flops"] for r in records)
+    at_top = [r for r in records if r["flops"] >= top * (1 - 1e-9)]
+    acc = float(np.mean([r[metric] for r in at_top]))
+    n = sum(int(r.get("mc_n") or 0) for r in at_top)
+    margin = 2 * math.sqrt(max(prior * (1 - prior), 1e-12) / n) if n else 0.0
+    if acc <= prior + margin:
+        raise ScalingError(f"refusing to predict {metric}: the largest fitted runs score {acc:.3f}, not above the "
+                           f"{prior:.3f} a model reaches without reading the question (chance or the most common "
+                           f"answer) by 2 standard errors ({margin:.3f}); there is no trend to extrapolate")
 
 
 @dataclass
@@ -103,6 +128,7 @@ def predict(records: list[dict], target_name: str, target_flops: float, *, metri
         raise ScalingError(f"refusing to predict: run {r['name']} used 1/{target_flops / r['flops']:.0f} of the target's "
                            f"compute; the limit is 1/{1 / max_fraction:.0f}")
     check_runs(records, metric)
+    check_above_prior(records, metric)
     C = np.array([r["flops"] for r in records])
     y = to_fitted(metric, [r[metric] for r in records])
     names = [r["name"] for r in records]
