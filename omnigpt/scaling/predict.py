@@ -24,8 +24,8 @@ METRICS = {
     "mc_acc": ("neglog", "-log multiple-choice accuracy"),
     "mc_acc_norm": ("neglog", "-log multiple-choice accuracy (per byte)"),
     "mc_acc_pmi": ("neglog", "-log multiple-choice accuracy (calibrated)"),
-    "mc_logp_correct": ("negate", "-mean log p(right choice), renormalised over the choices"),
-    "mc_logp_pass": ("negate", "-mean log pass rate: log p(right answer | context), summed over its tokens"),
+    "mc_logp_correct": ("negate", "-mean log p(right choice | the choices)"),
+    "mc_logp_pass": ("negate", "-mean log pass rate (nats per item)"),  # log p(right answer | context), summed
     "mc_logp_norm": ("negate", "-mean log p(correct choice), per-byte scores"),
     "mc_logp_pmi": ("negate", "-mean log p(correct choice), calibrated"),
 }
