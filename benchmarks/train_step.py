@@ -70,7 +70,9 @@ def build(variant: str):
     bf16_weights = "bf16w" in variant
     if bf16_weights:
         model = model.to(torch.bfloat16)
-    fwd = torch.compile(model) if "compile" in variant else model
+    # "-mat": Inductor autotunes its GEMMs (Triton templates vs cuBLAS) and kernel configs; minutes of compiling.
+    mode = "max-autotune-no-cudagraphs" if "-mat" in variant else None
+    fwd = torch.compile(model, mode=mode) if "compile" in variant else model
 
     def step_loss(ids):
         targets = ids.roll(-1, 1)
@@ -151,7 +153,7 @@ def run_variant(variant: str, batch: int, seq: int, steps: int, warmup: int) -> 
     out = dict(variant=variant, tokens_per_s=round(tok_s), mfu=round(mfu, 4), step_ms=round(sec * 1e3, 1),
                first_loss=round(losses[0], 3), last_loss=round(float(loss), 3), warmup_s=round(warm_s, 1),
                peak_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 1))
-    del model, opt
+    model = opt = None  # free the memory before the next variant
     torch.cuda.empty_cache()
     return out
 
