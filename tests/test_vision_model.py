@@ -2,6 +2,8 @@
 save/load, and a tiny VLM that learns a handful of ShapeBind questions."""
 
 import copy
+import dataclasses
+import json
 
 import pytest
 import torch
@@ -10,7 +12,9 @@ from omnigpt.config import tiny
 from omnigpt.data import scenes as sb
 from omnigpt.data.vision_samples import collate, scene_qa_sample, shapebind_tokenizer
 from omnigpt.evals.vqa import answer_samples
-from omnigpt.model.multimodal import VLM, VLMConfig, generate_vlm, load_vlm, pixel_shuffle, save_vlm, splice
+from omnigpt.model.multimodal import (VLM, VLMConfig, generate_vlm, load_vlm, mrope_axes, mrope_cos_sin, mrope_positions,
+                                      pixel_shuffle, save_vlm, sincos_2d, splice)
+from omnigpt.model.transformer import rope_cos_sin
 from omnigpt.model.vision import CLIP, CLIPConfig, TextTowerConfig, ViT, VisionConfig, normalize, softmax_loss, vit_from_hf
 from omnigpt.infer.sampling import SamplingParams
 
@@ -146,9 +150,13 @@ def test_cross_attention_zero_gates_leave_lm_unchanged(tok):
     assert not torch.allclose(changed[0, img_pos:], other_images[0, img_pos:])
 
 
-@pytest.mark.parametrize("fusion", ["inline", "cross"])
+@pytest.mark.parametrize("fusion", ["inline", "cross", "inline+mrope"])
 def test_generation_with_images_matches_full_forward(tok, fusion):
-    vlm = make_vlm(tok, fusion).eval()
+    if fusion == "inline+mrope":  # the prefill rotates image tokens by (row, column), decode steps are 1-D RoPE
+        vlm = make_vlm(tok, "inline", mrope=True, pos_lm=True).eval()
+        sharpen(vlm)
+    else:
+        vlm = make_vlm(tok, fusion).eval()
     if fusion == "cross":
         for block in vlm.xattn.values():
             block.attn_gate.data.fill_(1.0)
@@ -170,8 +178,8 @@ def test_generation_with_images_matches_full_forward(tok, fusion):
 
 
 def test_save_load_round_trip(tok, tmp_path):
-    for fusion in ("inline", "cross"):
-        vlm = make_vlm(tok, fusion)
+    for fusion, kw in (("inline", {}), ("cross", {}), ("mrope", dict(mrope=True, pos_lm=True, pos2d_scale=2.0))):
+        vlm = make_vlm(tok, "cross" if fusion == "cross" else "inline", **kw)
         with torch.no_grad():
             for p in vlm.parameters():
                 p.add_(torch.randn_like(p) * 0.01)  # gates included
@@ -183,6 +191,131 @@ def test_save_load_round_trip(tok, tmp_path):
         with torch.no_grad():
             assert torch.equal(again(batch.inputs, None, px).logits, vlm(batch.inputs, None, px).logits)
         assert (tmp_path / fusion / "tokenizer").is_dir()
+
+
+# ---- image positions in the LM: M-RoPE, learned (row, column) embeddings ---------------------------------------
+def sharpen(vlm, scale=8.0):
+    """Larger attention logits than at init (where attention is near uniform), so that rotary phases matter."""
+    with torch.no_grad():
+        for layer in vlm.lm.layers:
+            layer.attn.wqkv.weight.mul_(scale)
+
+
+def plain_lm(vlm):
+    lm = copy.deepcopy(vlm.lm)
+    for block in lm.layers:  # without the VLM's hooks
+        block._forward_pre_hooks.clear()
+    return lm
+
+
+def test_position_options_off_compute_what_the_model_computed_before(tok, tmp_path):
+    """Defaults: no new parameters, no hooks, and exactly the old computation (splice, then the LM at 1-D RoPE);
+    a checkpoint whose config.json predates the options loads and gives the same logits."""
+    vlm = make_vlm(tok, "inline", pixel_shuffle=2)
+    assert not (vlm.cfg.mrope or vlm.cfg.pos_lm) and vlm.cfg.pos2d_scale == 1.0
+    assert all(not layer._forward_pre_hooks for layer in vlm.lm.layers)
+    assert not any(k.startswith("pos_") for k in vlm.state_dict())
+    sharpen(vlm)
+    samples, batch = qa_batch(tok, vlm.cfg.image_tokens, 3)
+    pixels = normalize(batch.images, VC)
+    with torch.no_grad():
+        tokens, grid = vlm.vision.patch_tokens(pixels)
+        feats = vlm.connector(pixel_shuffle(tokens + sincos_2d(*grid, tokens.shape[-1]), grid, 2))
+        assert torch.equal(vlm.encode_images(pixels), feats)
+        old = vlm.lm(None, embeds_BTD=splice(vlm.lm.embed(batch.inputs), batch.inputs, feats, tok.image_id)).logits
+        assert torch.equal(vlm(batch.inputs, None, pixels).logits, old)
+    save_vlm(vlm, tmp_path / "old", tok)
+    cfg_path = tmp_path / "old" / "config.json"
+    raw = json.loads(cfg_path.read_text())
+    for key in ("mrope", "pos_lm", "pos2d_scale"):
+        del raw["omnigpt_vlm"][key]
+    cfg_path.write_text(json.dumps(raw))
+    again = load_vlm(tmp_path / "old")
+    assert again.cfg == vlm.cfg
+    with torch.no_grad():
+        assert torch.equal(again(batch.inputs, None, pixels).logits, old)
+
+
+def test_mrope_is_1d_rope_on_text(tok):
+    """Text tokens sit at (p, p, p): text-only sequences give exactly the plain LM's logits, and in a sequence with
+    an image everything before the image is unchanged while what follows it reads the image differently."""
+    vlm = make_vlm(tok, "inline", mrope=True)
+    assert vlm.cfg.mrope and all(len(layer._forward_pre_hooks) == 1 for layer in vlm.lm.layers)
+    sharpen(vlm)
+    lm = plain_lm(vlm)
+    text = torch.tensor([tok.encode("what color is the red star? it is red. where is it?")] * 2)
+    pos = torch.arange(text.shape[1]).expand_as(text)
+    cos, sin = mrope_cos_sin(vlm.lm.inv_freq, mrope_positions(text, pos, tok.image_id, vlm.cfg.token_grid))
+    ref_cos, ref_sin = rope_cos_sin(vlm.lm.inv_freq, pos)
+    assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+    with torch.no_grad():
+        assert torch.equal(vlm(text).logits, lm(text).logits)
+        with vlm.rotary(text, pos):  # the M-RoPE path itself, not a shortcut taken for text
+            assert vlm._rotary["now"] is not None
+            assert torch.equal(vlm.lm(text).logits, lm(text).logits)
+    assert vlm._rotary["now"] is None
+
+    samples, batch = qa_batch(tok, vlm.cfg.image_tokens, 2)
+    pixels = normalize(batch.images, VC)
+    off = copy.deepcopy(vlm)
+    off.cfg = dataclasses.replace(vlm.cfg, mrope=False)  # same weights, 1-D RoPE
+    with torch.no_grad():
+        on_logits, off_logits = vlm(batch.inputs, None, pixels).logits, off(batch.inputs, None, pixels).logits
+    for b in range(len(batch.inputs)):
+        first = int((batch.inputs[b] == tok.image_id).nonzero()[0])
+        assert torch.equal(on_logits[b, : first + 1], off_logits[b, : first + 1])  # the first image token: (p0, p0, p0)
+        assert not torch.allclose(on_logits[b, first + 1:], off_logits[b, first + 1:], atol=1e-3)
+
+
+def test_mrope_image_tokens_get_row_and_column_phases(tok):
+    gh, gw = 3, 4
+    image_id, L = 7, gh * gw
+    ids = torch.tensor([[1, 2] + [image_id] * L + [3, 4] + [image_id] * L + [5]])
+    pos = torch.arange(ids.shape[1]).unsqueeze(0)
+    p3 = mrope_positions(ids, pos, image_id, (gh, gw))[0]
+    for p0 in (2, 2 + L + 2):  # the two images: (p0, p0 + row, p0 + col); the text around them: (p, p, p)
+        for k in range(L):
+            assert p3[p0 + k].tolist() == [p0, p0 + k // gw, p0 + k % gw]
+    for p in (0, 1, 2 + L, 3 + L, ids.shape[1] - 1):
+        assert p3[p].tolist() == [p, p, p]
+    assert p3[2 + L].tolist() == [2 + L] * 3  # text right after an image keeps its sequence position
+
+    inv_freq = torch.tensor([1.0, 0.5, 0.3, 0.2, 0.1, 0.05])
+    assert mrope_axes(6).tolist() == [1, 2, 0, 1, 2, 0]  # row, column, temporal, interleaved from the highest
+    cos, sin = mrope_cos_sin(inv_freq, p3.unsqueeze(0))
+    phase = torch.atan2(sin[0, :, 0, :6], cos[0, :, 0, :6])  # (T, h/2)
+    img = phase[2: 2 + L]
+    rows, cols = torch.arange(L) // gw, torch.arange(L) % gw
+    for i in range(L):
+        for j in range(L):
+            same_row, same_col = bool(rows[i] == rows[j]), bool(cols[i] == cols[j])
+            assert torch.allclose(img[i, [0, 3]], img[j, [0, 3]]) == same_row  # row pairs: the row alone
+            assert torch.allclose(img[i, [1, 4]], img[j, [1, 4]]) == same_col  # column pairs: the column alone
+            assert torch.allclose(img[i, [2, 5]], img[j, [2, 5]])  # temporal pairs: the image's, for all its tokens
+            assert torch.equal(cos[0, 2 + i], cos[0, 2 + j]) == (i == j)  # every cell has its own rotation
+    # 1-D RoPE would give (row 1, col 0) the phase of sequence offset gw; M-RoPE gives it one row step
+    assert torch.allclose(img[gw, 0] - img[0, 0], torch.tensor(1.0)) and torch.allclose(img[gw, 1], img[0, 1])
+
+
+def test_learned_image_positions_after_the_connector(tok):
+    vlm = make_vlm(tok, "inline", pixel_shuffle=2, pos_lm=True)
+    gh, gw = vlm.cfg.token_grid
+    assert vlm.pos_rows.shape == (gh, vlm.cfg.text.d_model) and vlm.pos_cols.shape == (gw, vlm.cfg.text.d_model)
+    connector = {id(p) for p in vlm.parts()["connector"]}
+    assert id(vlm.pos_rows) in connector and id(vlm.pos_cols) in connector
+    pixels = normalize(qa_batch(tok, vlm.cfg.image_tokens, 1)[1].images, VC)
+    with torch.no_grad():
+        base = vlm.encode_images(pixels)  # zero at init: the connector's output as is
+        vlm.pos_rows[1].fill_(1.0)
+        vlm.pos_cols[0].fill_(2.0)
+        delta = (vlm.encode_images(pixels) - base)[0, :, 0]
+    expected = torch.tensor([float(k // gw == 1) + 2.0 * float(k % gw == 0) for k in range(gh * gw)])
+    assert torch.allclose(delta, expected)
+    for bad in (dict(mrope=True), dict(pos_lm=True)):
+        with pytest.raises(ValueError, match="grid"):
+            make_vlm(tok, "cross", **bad)
+        with pytest.raises(ValueError, match="grid"):
+            make_vlm(tok, "inline", connector="resampler", **bad)
 
 
 # ---- learning -------------------------------------------------------------------------------------------------

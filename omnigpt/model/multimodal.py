@@ -13,6 +13,14 @@ cross (Flamingo): an image is one `<|image|>` token in the text. A Perceiver res
     of the images at or before its position. Its outputs are scaled by tanh(gate), gates start at 0, so at
     initialisation the VLM computes exactly what the LM alone computes. The blocks are attached with forward
     pre-hooks on the LM's layers, so the LM's own weights, names and forward (KV cache included) are untouched.
+
+Where an image token is (inline, mlp connector: the L tokens are a gh x gw grid in reading order):
+- pos2d (default on): a fixed 2-D sin-cos (row, column) embedding added to the patch features before the connector;
+- pos_lm (off): learned row and column embeddings added to the connector's output, in the LM's width;
+- mrope (off): M-RoPE (Qwen2-VL) in the LM: image tokens rotate by (temporal, row, column) positions, text by
+  (p, p, p), i.e. exactly 1-D RoPE (`mrope_positions`). Applied through forward pre-hooks that swap the layers'
+  cos/sin while `VLM.rotary` is active (VLM.forward, and the prefill of generate_vlm; decode steps are text).
+  Other callers of the LM that splice images themselves must do the same (the serving engine does not yet).
 """
 
 from __future__ import annotations
@@ -49,6 +57,9 @@ class VLMConfig:
     cross_every: int = 1  # cross: a gated cross-attention block before layers 0, n, 2n, ...
     feature_layer: int = -1  # vision block whose output feeds the connector (-2: the penultimate, as LLaVA)
     pos2d: bool = True  # add a fixed 2-D sin-cos (row, column) embedding to the patch features before the connector
+    pos2d_scale: float = 1.0  # pos2d: the sin-cos embedding is multiplied by this (1: as before)
+    pos_lm: bool = False  # inline mlp: add a learned (row, column) embedding in the LM's width after the connector
+    mrope: bool = False  # inline mlp: image tokens get 2-D rotary positions in the LM (M-RoPE; see mrope_positions)
 
     def __post_init__(self):
         if isinstance(self.vision, dict):
@@ -67,6 +78,8 @@ class VLMConfig:
             raise ValueError(f"invalid VLMConfig: image_id={self.image_id} is outside the vocabulary of {self.text.vocab_size}")
         if self.cross_every < 1 or self.n_latents < 1:
             raise ValueError("invalid VLMConfig: cross_every and n_latents must be >= 1")
+        if (self.mrope or self.pos_lm) and self.uses_resampler:
+            raise ValueError("invalid VLMConfig: mrope and pos_lm need image tokens on a grid (inline fusion, mlp connector)")
 
     @property
     def uses_resampler(self) -> bool:
@@ -76,6 +89,12 @@ class VLMConfig:
     def tokens_per_image(self) -> int:
         """L: vectors an image becomes (inline: spliced into the text; cross: attended to)."""
         return self.n_latents if self.uses_resampler else (self.vision.grid // self.pixel_shuffle) ** 2
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """(rows, columns) of an image's tokens in the text (inline mlp connector), in reading order."""
+        g = self.vision.grid // self.pixel_shuffle
+        return g, g
 
     @property
     def image_tokens(self) -> int:
@@ -116,6 +135,53 @@ def sincos_2d(gh: int, gw: int, dim: int, device=None) -> torch.Tensor:
         out[:, 2 * k * q: (2 * k + 1) * q] = angles.sin()
         out[:, (2 * k + 1) * q: (2 * k + 2) * q] = angles.cos()
     return out
+
+
+# ---- 2-D rotary positions (M-RoPE) ---------------------------------------------------------------------------
+def mrope_positions(ids_BT: torch.Tensor, pos_BT: torch.Tensor, image_id: int, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, T, 3) rotary positions on the axes (temporal, row, column), as Qwen2-VL's M-RoPE.
+
+    A text token at position p is (p, p, p), so text rotates exactly as with 1-D RoPE. The k-th token of an image
+    whose first token sits at p0 is (p0, p0 + k // gw, p0 + k % gw): all of an image is one time step, and the
+    rotation between two of its tokens (or between a later text token and them) follows their row and column
+    offsets. Text after the image keeps its sequence position (no compaction as in Qwen2-VL), so a KV cache's
+    slot positions stay the rotary positions of everything decoded. Each row must hold whole images (a training
+    batch or a prefill), in runs of gh * gw consecutive placeholders."""
+    gh, gw = grid
+    where = ids_BT == image_id
+    k = (where.cumsum(1) - 1) % (gh * gw)  # index of each placeholder in its image (meaningless elsewhere)
+    p0 = pos_BT - k
+    return torch.stack([torch.where(where, p0, pos_BT), torch.where(where, p0 + k // gw, pos_BT),
+                        torch.where(where, p0 + k % gw, pos_BT)], dim=-1)
+
+
+def mrope_axes(half_dim: int, device=None) -> torch.Tensor:
+    """The axis (0 temporal, 1 row, 2 column) of each rotary frequency pair: interleaved row, column, temporal from
+    the highest frequency down (as Qwen3-VL interleaves), so that rows and columns both get frequencies that tell
+    neighbouring cells apart even in a small head (Qwen2-VL's contiguous sections give the column the lowest)."""
+    return torch.tensor([1, 2, 0], device=device).repeat(half_dim // 3 + 1)[:half_dim]
+
+
+def mrope_cos_sin(inv_freq: torch.Tensor, pos_BT3: torch.Tensor):
+    """omnigpt.model.transformer.rope_cos_sin with a position per frequency pair: (B, T, 1, h) cos and sin. Where
+    the three positions agree (text) the result is bit-identical to rope_cos_sin's."""
+    axes = mrope_axes(inv_freq.shape[0], pos_BT3.device)
+    freqs = pos_BT3[..., axes].float() * inv_freq  # (B, T, h/2), float32 even under autocast
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().unsqueeze(2), emb.sin().unsqueeze(2)
+
+
+class RotaryHook:
+    """Forward pre-hook on an LM layer: while the VLM has set rotary (cos, sin), the layer uses them instead of the
+    1-D ones the Transformer computed. An object, so that copy.deepcopy(vlm) binds the copy's hooks to its state."""
+
+    def __init__(self, rotary: dict):
+        self.rotary = rotary
+
+    def __call__(self, layer, args):
+        # the Transformer calls each layer as layer(x, cos, sin, mask, cache, pos_BT): rewrite cos and sin only
+        now = self.rotary["now"]
+        return None if now is None else (args[0], *now) + tuple(args[3:])
 
 
 class MLPConnector(nn.Module):
@@ -276,6 +342,13 @@ class VLM(nn.Module):
         self._media = {"now": None}  # what the cross-attention blocks see during the current LM call
         for i in cfg.cross_layers():
             self.lm.layers[i].register_forward_pre_hook(CrossHook(self.xattn[str(i)], self._media))
+        if cfg.pos_lm:  # learned row and column embeddings of the image tokens, in the LM's width
+            gh, gw = cfg.token_grid
+            self.pos_rows, self.pos_cols = nn.Parameter(torch.zeros(gh, D)), nn.Parameter(torch.zeros(gw, D))
+        self._rotary = {"now": None}  # M-RoPE (cos, sin) the LM's layers use during the current call
+        if cfg.mrope:
+            for layer in self.lm.layers:
+                layer.register_forward_pre_hook(RotaryHook(self._rotary))
 
     @contextlib.contextmanager
     def attending(self, media: MediaContext | None):
@@ -286,14 +359,32 @@ class VLM(nn.Module):
         finally:
             self._media["now"] = None
 
+    @contextlib.contextmanager
+    def rotary(self, ids_BT: torch.Tensor, pos_BT: torch.Tensor):
+        """With mrope, LM calls inside this block rotate by mrope_positions(ids_BT, pos_BT) (the tokens and
+        positions of that call); without, nothing changes."""
+        if not self.cfg.mrope:
+            yield
+            return
+        pos_BT3 = mrope_positions(ids_BT, pos_BT, self.cfg.image_id, self.cfg.token_grid)
+        self._rotary["now"] = mrope_cos_sin(self.lm.inv_freq, pos_BT3)
+        try:
+            yield
+        finally:
+            self._rotary["now"] = None
+
     def encode_images(self, pixels_NCHW: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) normalised pixels -> (N, L, D) vectors in the LM's width."""
         tokens, grid = self.vision.patch_tokens(pixels_NCHW, self.cfg.feature_layer)
         if self.cfg.pos2d:  # where each patch is, explicitly: left/right/above/below questions compare these
-            tokens = tokens + sincos_2d(*grid, tokens.shape[-1], tokens.device).to(tokens.dtype)
+            pos = sincos_2d(*grid, tokens.shape[-1], tokens.device)
+            tokens = tokens + (pos if self.cfg.pos2d_scale == 1.0 else pos * self.cfg.pos2d_scale).to(tokens.dtype)
         if not self.cfg.uses_resampler:
             tokens = pixel_shuffle(tokens, grid, self.cfg.pixel_shuffle)
-        return self.connector(tokens)
+        out = self.connector(tokens)
+        if self.cfg.pos_lm:
+            out = out + (self.pos_rows[:, None] + self.pos_cols[None, :]).flatten(0, 1).to(out.dtype)
+        return out
 
     def forward(self, ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
                 pixels_NCHW: torch.Tensor | None = None) -> ModelOutput:
@@ -306,7 +397,8 @@ class VLM(nn.Module):
                 x_BTD = splice(x_BTD, ids_BT, feats, self.cfg.image_id)
             elif bool((ids_BT == self.cfg.image_id).any()):
                 raise ValueError("the text has <|image|> placeholders but no images were given")
-            return self.lm(None, targets_BT, embeds_BTD=x_BTD)
+            with self.rotary(ids_BT, torch.arange(ids_BT.shape[1], device=ids_BT.device).expand_as(ids_BT)):
+                return self.lm(None, targets_BT, embeds_BTD=x_BTD)
         media = None
         if feats is not None:
             media_BQD, img_pos_BM = row_media(ids_BT, feats, self.cfg.image_id)
@@ -318,8 +410,9 @@ class VLM(nn.Module):
     # -- training helpers ------------------------------------------------------------------------------------
     def parts(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by part, for staged training: vision, connector (resampler, cross-attention blocks too), lm."""
+        pos = [self.pos_rows, self.pos_cols] if self.cfg.pos_lm else []
         return {"vision": list(self.vision.parameters()),
-                "connector": list(self.connector.parameters()) + list(self.xattn.parameters()),
+                "connector": list(self.connector.parameters()) + list(self.xattn.parameters()) + pos,
                 "lm": list(self.lm.parameters())}
 
     def set_trainable(self, parts: tuple[str, ...]) -> None:
@@ -348,10 +441,11 @@ class _ImagePrompted:
         lm, vcfg = self.vlm.lm, self.vlm.cfg
         first, self.prefilled = not self.prefilled, True
         if vcfg.fusion == "inline":
-            if first and self.feats is not None:
+            if first and self.feats is not None:  # the prefill: images spliced in, at M-RoPE positions with mrope
                 x = splice(lm.embed(tokens_BT), tokens_BT, self.feats, vcfg.image_id)
-                return lm(None, embeds_BTD=x, pos_BT=pos_BT, cache=cache)
-            return lm(tokens_BT, pos_BT=pos_BT, cache=cache)
+                with self.vlm.rotary(tokens_BT, pos_BT):
+                    return lm(None, embeds_BTD=x, pos_BT=pos_BT, cache=cache)
+            return lm(tokens_BT, pos_BT=pos_BT, cache=cache)  # text only: M-RoPE is 1-D RoPE
         if first and self.feats is not None:
             self.media = row_media(tokens_BT, self.feats, vcfg.image_id)  # prefill: token column == position
         ctx = media_context(*self.media, pos_BT, vcfg.tokens_per_image) if self.media is not None else None

@@ -230,6 +230,9 @@ class Recipe:
     pool_scenes: int = 60_000  # rendered once, shared by every stage (evaluation scenes are fresh)
     train_vision: bool = True  # joint stage: fine-tune the ViT too, at lr * vision_lr_scale
     vision_lr_scale: float = 0.1
+    mrope: bool = False  # inline: 2-D rotary (row, column) positions of the image tokens in the LM (VLMConfig.mrope)
+    pos_lm: bool = False  # inline: a learned (row, column) embedding added after the connector (VLMConfig.pos_lm)
+    pos2d_scale: float = 1.0  # the 2-D sin-cos embedding added before the connector, times this
 
     def override(self, pairs: list[str]) -> Recipe:
         """FIELD=VALUE pairs, VALUE in JSON (numbers, null, lists, objects)."""
@@ -254,9 +257,11 @@ def quick_recipe() -> Recipe:
 
 def build_vlm(recipe: Recipe, mode: str, tok, vision, lm) -> VLM:
     """A VLM around copies of `vision` and `lm` (so that several modes can start from the same weights)."""
+    inline = mode == "inline"
     cfg = VLMConfig(vision=vision.cfg, text=lm.cfg, image_id=tok.image_id, fusion=mode, connector="mlp",
-                    pixel_shuffle=recipe.pixel_shuffle if mode == "inline" else 1, n_latents=recipe.n_latents,
-                    cross_every=recipe.cross_every)
+                    pixel_shuffle=recipe.pixel_shuffle if inline else 1, n_latents=recipe.n_latents,
+                    cross_every=recipe.cross_every, pos2d_scale=recipe.pos2d_scale,
+                    mrope=recipe.mrope and inline, pos_lm=recipe.pos_lm and inline)
     return VLM(cfg, vision=copy.deepcopy(vision), lm=copy.deepcopy(lm))
 
 
