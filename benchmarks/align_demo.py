@@ -13,8 +13,10 @@
              (the verifier plays the labeler); these join the synthetic comparisons for the reward model and DPO
 5. reward    reward model from the SFT model; pairwise accuracy on held-out synthetic comparisons and on held-out
              comparisons of SFT answers
-6. ppo       PPO from SFT against the reward model, per-token KL penalty to SFT, PPO-ptx on the prose; and the
-             same PPO with the verifier's 1/0 as the reward (`ppo_verifier`: what a perfect reward model would give)
+6. ppo       PPO from SFT against the reward model, per-token KL penalty to SFT whose beta adapts towards a target
+             KL per response (bounds over-optimisation of the imperfect reward model), PPO-ptx on the prose; and the
+             same PPO with the verifier's 1/0 as the reward and a fixed beta (`ppo_verifier`: what a perfect reward
+             model would give)
 7. dpo       DPO from SFT on the same comparisons
 8. grpo      GRPO from SFT with the verifier as reward (--set grpo_steps=0 skips it)
 
@@ -87,7 +89,11 @@ class Demo:
     ppo_batch: int = 32
     ppo_lr: float = 3e-5
     ppo_epochs: int = 2
-    kl_coef: float = 0.3
+    kl_coef: float = 0.3  # beta of the KL penalty (checker-reward PPO: fixed; reward-model PPO: its starting value)
+    # reward-model PPO: adaptive beta (Ziegler et al. 2019) aiming at this KL per response, so the policy cannot drift
+    # far from the SFT answers on which the reward model was measured (over-optimisation, Gao et al. 2022); 0: fixed
+    ppo_target_kl: float = 0.2
+    ppo_kl_horizon: int = 200  # responses; 40 steps x 32 = 6.4 horizons, about Ziegler's run/horizon ratio
     ptx_coef: float = 0.1
     ppo_verifier_steps: int = 60  # PPO with the verifier's 1/0 as reward (0: skip)
     dpo_steps: int = 200
@@ -189,15 +195,16 @@ def main() -> None:
             out_dir=str(out / "rm"), steps=d.rm_steps, batch_size=d.rm_batch, lr=d.rm_lr, warmup_steps=10, **common)))
         rm["policy_val_accuracy"] = pair_accuracy(load_scalar_model(out / "rm").to(dev), tok, policy_pairs_val)
     # 5. PPO against the reward model (RLHF), and against the verifier itself (the reward the RM approximates)
-    def ppo(name, steps, **reward):
+    def ppo(name, steps, target_kl=0.0, **reward):
         timed(name, lambda: train_ppo(out / "sft", tok, prompts, PPOConfig(
             out_dir=str(out / name), steps=steps, batch_size=d.ppo_batch, lr=d.ppo_lr, ppo_epochs=d.ppo_epochs,
-            max_new_tokens=d.max_new_tokens, kl_coef=d.kl_coef, ptx_coef=d.ptx_coef, ptx_seq_len=64,
-            missing_eos_penalty=1.0, **common), ptx_docs=docs if d.ptx_coef > 0 else None, **reward))
+            max_new_tokens=d.max_new_tokens, kl_coef=d.kl_coef, target_kl=target_kl, kl_horizon=d.ppo_kl_horizon,
+            ptx_coef=d.ptx_coef, ptx_seq_len=64, missing_eos_penalty=1.0, **common),
+            ptx_docs=docs if d.ptx_coef > 0 else None, **reward))
         policies.append(name)
 
     if d.ppo_steps > 0 and d.rm_steps > 0:
-        ppo("ppo", d.ppo_steps, reward_path=out / "rm")
+        ppo("ppo", d.ppo_steps, target_kl=d.ppo_target_kl, reward_path=out / "rm")
     if d.ppo_verifier_steps > 0:
         ppo("ppo_verifier", d.ppo_verifier_steps, verifier=True)
     # 6. DPO
