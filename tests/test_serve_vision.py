@@ -362,3 +362,11 @@ def test_web_page_sends_an_image_to_a_vision_model(page, tmp_path, encoded_image
     expect(page.locator(".msg.error")).to_have_count(0)
     expect(answer.locator(".meta")).to_contain_text(" tokens in ")
     assert encoded_images == [1]
+
+
+def test_an_mrope_vision_model_is_refused_rather_than_served_wrong(tmp_path):
+    """The engine gives image tokens 1-D positions; a model trained with 2-D (M-RoPE) ones is refused by name."""
+    ckpt = make_tiny_vlm_checkpoint(tmp_path / "mrope", mrope=True)
+    served = load_for_serving(ckpt)
+    with pytest.raises(ValueError, match="mrope=True"):
+        Engine(served.model, served.tokenizer, EngineConfig(cpu_threads=1), vlm=served.vlm)

@@ -354,6 +354,9 @@ class Engine:
         """vlm: a VLM whose language model is `model`; then requests may carry images."""
         if vlm is not None and vlm.lm is not model:
             raise ValueError("the engine's model must be the VLM's language model (vlm.lm)")
+        if vlm is not None and vlm.cfg.mrope:  # the engine's prefill gives image tokens 1-D positions
+            raise ValueError("this VLM was trained with 2-D image positions (mrope=True), which the serving engine does "
+                             "not implement yet; answers would be wrong, so it is not served")
         self.images = ImageRows(vlm) if vlm is not None else None
         self.model = model.eval()
         self.tok = tokenizer
