@@ -114,14 +114,28 @@ def time_attention(batch: int, seq: int, heads: int = 12, head_dim: int = 64) ->
     return out
 
 
-def run(variant: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
+def run(variant: str, batch: int, seq: int, steps: int, warmup: int, profile: bool = False) -> dict:
     from torch.nn.attention import sdpa_kernel
     torch._dynamo.reset()  # else a compiled graph from the previous variant (other kernel choice) is reused
     with sdpa_kernel(sdpa_backends(variant)):
-        return run_variant(variant, batch, seq, steps, warmup)
+        return run_variant(variant, batch, seq, steps, warmup, profile)
 
 
-def run_variant(variant: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
+def print_profile(step, n: int = 2, top: int = 18) -> None:
+    """The step's GPU time by kernel (after timing): where the rest of the way to the peak goes."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in events)
+    print(f"  profile: {total / n / 1e3:.1f} ms of kernels per step")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
+        print(f"  {e.self_device_time_total / total:6.1%} {e.self_device_time_total / n / 1e3:7.2f} ms  x{e.count // n:<4d} {e.key[:110]}")
+
+
+def run_variant(variant: str, batch: int, seq: int, steps: int, warmup: int, profile: bool = False) -> dict:
     torch.manual_seed(0)
     cfg, model, step_loss = build(variant)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
@@ -153,6 +167,8 @@ def run_variant(variant: str, batch: int, seq: int, steps: int, warmup: int) -> 
     out = dict(variant=variant, tokens_per_s=round(tok_s), mfu=round(mfu, 4), step_ms=round(sec * 1e3, 1),
                first_loss=round(losses[0], 3), last_loss=round(float(loss), 3), warmup_s=round(warm_s, 1),
                peak_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 1))
+    if profile:
+        print_profile(step)
     model = opt = None  # free the memory before the next variant
     torch.cuda.empty_cache()
     return out
@@ -167,6 +183,7 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--profile", default="", help="comma-separated variants whose kernels to list after timing")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     import transformers
@@ -177,7 +194,7 @@ def main():
     rows, base = [], {}
     for v in args.variants.split(","):
         try:
-            r = run(v, args.batch, args.seq, args.steps, args.warmup)
+            r = run(v, args.batch, args.seq, args.steps, args.warmup, v in args.profile.split(","))
         except Exception as e:  # report and go on: one failing variant must not lose the others' figures
             print(f"{v:28s} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue

@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from omnigpt.model.moe import MoE, expert_mlp_grouped, expert_mlp_loop, grouped_mm_available
+from omnigpt.model.transformer import prefer_cudnn_attention
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -214,6 +215,8 @@ def parallelize(model: nn.Module, info: DistInfo, *, expert_parallel: bool = Fal
     """Order matters: experts are split first (FSDP must know which weights to leave alone), then compile (so the
     compiled blocks are what FSDP wraps), then FSDP."""
     model.expert_split = {}
+    if info.device.type == "cuda":
+        prefer_cudnn_attention()  # before any tracing: compiled graphs keep the attention kernel they traced
     if expert_parallel:
         if not getattr(model.cfg, "n_experts", 0):
             raise ValueError("--expert-parallel needs an MoE model (n_experts > 0)")
