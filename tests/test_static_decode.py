@@ -56,18 +56,20 @@ def test_decode_with_idle_row_matches_full_forward_across_buckets():
     assert len(seqs[0]) > 128
 
 
-def test_own_cache_prefill_then_greedy_equals_generate():
+@pytest.mark.parametrize("greedy_in_step", [False, True])
+def test_own_cache_prefill_then_greedy_equals_generate(greedy_in_step):
     from omnigpt.infer.generate import generate
     from omnigpt.infer.sampling import SamplingParams
 
     m = model()
     prompt = torch.randint(0, 96, (1, 9))
-    dec = CudaGraphDecoder(m, 1, 64, graphs=False)
+    dec = CudaGraphDecoder(m, 1, 64, graphs=False, greedy=greedy_in_step)
     tok = dec.prefill(prompt, [9]).argmax(-1)
     out = []
     for i in range(10):
         out.append(int(tok))
-        tok = dec.step(tok, torch.tensor([9 + i]), 9 + i).argmax(-1)
+        step = dec.step(tok, torch.tensor([9 + i]), 9 + i)
+        tok = step if greedy_in_step else step.argmax(-1)
     assert out == generate(m, [prompt[0].tolist()], SamplingParams(temperature=0, max_new_tokens=10))[0].tokens
 
 

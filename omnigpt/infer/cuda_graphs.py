@@ -33,15 +33,17 @@ class CudaGraphDecoder:
     The cache has one spare slot past max_len (slot max_len): capture-time warm-up writes go there, never into a
     real slot, and so do the writes of rows a caller marks idle by giving them position max_len.
 
+    compile: torch.compile the step (True), or the name of an Inductor mode to compile it with.
+    greedy: step() returns each row's argmax token (B,), taken inside the graph, instead of the logits (B, V).
     cache: decode into the first batch_size rows of this cache (a serving engine's), else a new one of its own.
     graphs: capture CUDA graphs (default: when the model is on CUDA); without, step() runs the same static-shape
     forward eagerly, which is how CPU tests check the bucketing and the idle rows.
     """
 
-    def __init__(self, model: Transformer, batch_size: int, max_len: int, compile: bool = False,
-                 cache: KVCache | None = None, graphs: bool | None = None):
+    def __init__(self, model: Transformer, batch_size: int, max_len: int, compile: bool | str = False,
+                 cache: KVCache | None = None, graphs: bool | None = None, greedy: bool = False):
         w = model.head_weight()
-        self.model, self.max_len, self.batch_size = model, max_len, batch_size
+        self.model, self.max_len, self.batch_size, self.greedy = model, max_len, batch_size, greedy
         if cache is None:
             cache = KVCache(model.cfg, batch_size, max_len + 1, device=w.device, dtype=w.dtype)
         elif cache.max_len != max_len + 1 or cache.k.shape[1] < batch_size:
@@ -55,10 +57,13 @@ class CudaGraphDecoder:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # torch.compile fuses the step's elementwise work (norms, RoPE, SwiGLU) into few kernels; the graph then
         # replays those. Static shapes: read_len is a Python int, so each bucket is its own specialisation.
-        self._forward = torch.compile(self._raw_step, dynamic=False) if compile else self._raw_step
+        # compile may name an Inductor mode, e.g. "max-autotune-no-cudagraphs" (we capture our own graphs).
+        mode = compile if isinstance(compile, str) else None
+        self._forward = torch.compile(self._raw_step, dynamic=False, mode=mode) if compile else self._raw_step
 
     def _raw_step(self) -> torch.Tensor:
-        return self.model(self.tokens, pos_BT=self.pos, cache=self.cache).logits[:, -1]
+        logits = self.model(self.tokens, pos_BT=self.pos, cache=self.cache).logits[:, -1]
+        return logits.argmax(-1) if self.greedy else logits
 
     @torch.no_grad()
     def prefill(self, tokens_BT: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -99,7 +104,7 @@ class CudaGraphDecoder:
 
     @torch.no_grad()
     def step(self, tokens_B: torch.Tensor, pos_B: torch.Tensor, max_pos: int) -> torch.Tensor:
-        """Write tokens_B at positions pos_B and return next-token logits (B, V). max_pos = the largest position
+        """Write tokens_B at positions pos_B and return next-token logits (B, V) (greedy: tokens (B,)). max_pos = the largest position
         of a live row, known to the caller without a device sync (it counts tokens); idle rows pass max_len.
         The returned tensor is overwritten by the next step: index or copy it first."""
         length = self.bucket(max_pos)
