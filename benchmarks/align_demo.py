@@ -3,18 +3,22 @@
     python benchmarks/align_demo.py --out runs/align_demo                 # CPU (about 5 minutes on 2 idle cores) or GPU
     python benchmarks/align_demo.py --out /tmp/d --quick                  # a 20-second smoke run (figures meaningless)
     python benchmarks/align_demo.py --out runs/d --set seed=1 ppo_steps=80 dpo_beta=0.1
+    python benchmarks/align_demo.py --out runs/d --set kinds=arith,one_word,json,system   # without ShapeBind questions
 
-1. data      task files: prose over the world's facts (pretraining), demonstrations of mixed quality (30% carry one
-             flaw), comparisons (correct > one flaw > two flaws; half as K=3 rankings), prompts; held-out prompts are
-             unseen (task, fact, rule) combinations
+1. data      task files: prose over the world's facts and ShapeBind scenes as text (pretraining), demonstrations of
+             mixed quality (30% carry one flaw), comparisons (correct > one flaw > two flaws; half as K=3 rankings),
+             prompts; task kinds in turn: arithmetic, one-word answers, JSON, system-message rules, ShapeBind
+             questions (a scene from omnigpt.data.scenes written out as text, then one of its questions); held-out
+             prompts are unseen (task, fact, rule) combinations and unseen scenes
 2. base      a byte-level BPE and a small transformer pretrained briefly on the prose (no chat format)
 3. sft       supervised fine-tuning on the demonstrations
 4. label     the SFT model answers 4 times per train prompt; a passing and a failing answer make a comparison
              (the verifier plays the labeler); these join the synthetic comparisons for the reward model and DPO
 5. reward    reward model from the SFT model; pairwise accuracy on held-out synthetic comparisons and on held-out
              comparisons of SFT answers
-6. ppo       PPO from SFT against the reward model, per-token KL penalty to SFT whose beta adapts towards a target
-             KL per response (bounds over-optimisation of the imperfect reward model), PPO-ptx on the prose; and the
+6. ppo       PPO from SFT against the reward model, its scores normalised to mean 0 / std 1 over SFT's own answers,
+             per-token KL penalty to SFT whose beta adapts towards a target KL per response (bounds
+             over-optimisation of the imperfect reward model), PPO-ptx on the prose; and the
              same PPO with the verifier's 1/0 as the reward and a fixed beta (`ppo_verifier`: what a perfect reward
              model would give)
 7. dpo       DPO from SFT on the same comparisons
@@ -65,6 +69,8 @@ class Demo:
     n_pretrain_docs: int = 6000
     flawed_frac: float = 0.3
     max_operand: int = 6
+    kinds: str = "arith,one_word,json,system,shapebind"  # task kinds, in turn (omnigpt.data.chat_tasks.KINDS)
+    scene_frac: float = 0.2  # fraction of the pretraining prose that is ShapeBind scenes (when shapebind is a kind)
     vocab_size: int = 512
     # model
     d_model: int = 96
@@ -93,7 +99,12 @@ class Demo:
     # reward-model PPO: adaptive beta (Ziegler et al. 2019) aiming at this KL per response, so the policy cannot drift
     # far from the SFT answers on which the reward model was measured (over-optimisation, Gao et al. 2022); 0: fixed
     ppo_target_kl: float = 0.2
-    ppo_kl_horizon: int = 200  # responses; 40 steps x 32 = 6.4 horizons, about Ziegler's run/horizon ratio
+    # responses: 2 steps' rollouts, so beta can move up to 10% a step (a factor e^4 over 40 steps) and recover within
+    # the run from the early steps where the policy has not moved yet (KL ~ 0 lowers beta); 200 allowed 3.2% a step
+    ppo_kl_horizon: int = 64
+    # reward-model scores normalised over this many SFT responses (PPOConfig.reward_norm_samples): the reward
+    # model's scale differs from seed to seed, and with it what a fixed starting beta means
+    ppo_reward_norm: int = 128
     ptx_coef: float = 0.1
     ppo_verifier_steps: int = 60  # PPO with the verifier's 1/0 as reward (0: skip)
     dpo_steps: int = 200
@@ -108,6 +119,7 @@ class Demo:
 
 QUICK = dict(n_sft=300, n_pairs=300, n_prompts=300, n_heldout=40, n_pretrain_docs=400, d_model=64, n_layers=2, d_ff=128,
              pretrain_steps=20, sft_steps=10, label_prompts=50, rm_steps=10, ppo_steps=3, ppo_verifier_steps=2, ppo_batch=8, dpo_steps=5, grpo_steps=2,
+             ppo_reward_norm=16,
              eval_samples=1)
 
 
@@ -149,7 +161,8 @@ def main() -> None:
     # 1. data
     files = timed("data", lambda: write_task_files(out / "data", n_sft=d.n_sft, n_pairs=d.n_pairs, n_prompts=d.n_prompts,
                                                    n_heldout=d.n_heldout, n_pretrain_docs=d.n_pretrain_docs,
-                                                   flawed_frac=d.flawed_frac, seed=d.seed, max_operand=d.max_operand))
+                                                   flawed_frac=d.flawed_frac, seed=d.seed, max_operand=d.max_operand,
+                                                   kinds=tuple(d.kinds.split(",")), scene_frac=d.scene_frac))
     sft_data, sft_val = load_conversations(files["sft.jsonl"]), load_conversations(files["sft_val.jsonl"])
     prompts, heldout = load_prompts(files["prompts.jsonl"]), load_prompts(files["heldout.jsonl"], need_task=True)
 
@@ -195,16 +208,17 @@ def main() -> None:
             out_dir=str(out / "rm"), steps=d.rm_steps, batch_size=d.rm_batch, lr=d.rm_lr, warmup_steps=10, **common)))
         rm["policy_val_accuracy"] = pair_accuracy(load_scalar_model(out / "rm").to(dev), tok, policy_pairs_val)
     # 5. PPO against the reward model (RLHF), and against the verifier itself (the reward the RM approximates)
-    def ppo(name, steps, target_kl=0.0, **reward):
+    def ppo(name, steps, target_kl=0.0, reward_norm_samples=0, **reward):
         timed(name, lambda: train_ppo(out / "sft", tok, prompts, PPOConfig(
             out_dir=str(out / name), steps=steps, batch_size=d.ppo_batch, lr=d.ppo_lr, ppo_epochs=d.ppo_epochs,
             max_new_tokens=d.max_new_tokens, kl_coef=d.kl_coef, target_kl=target_kl, kl_horizon=d.ppo_kl_horizon,
+            reward_norm_samples=reward_norm_samples,
             ptx_coef=d.ptx_coef, ptx_seq_len=64, missing_eos_penalty=1.0, **common),
             ptx_docs=docs if d.ptx_coef > 0 else None, **reward))
         policies.append(name)
 
     if d.ppo_steps > 0 and d.rm_steps > 0:
-        ppo("ppo", d.ppo_steps, target_kl=d.ppo_target_kl, reward_path=out / "rm")
+        ppo("ppo", d.ppo_steps, target_kl=d.ppo_target_kl, reward_norm_samples=d.ppo_reward_norm, reward_path=out / "rm")
     if d.ppo_verifier_steps > 0:
         ppo("ppo_verifier", d.ppo_verifier_steps, verifier=True)
     # 6. DPO

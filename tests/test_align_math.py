@@ -16,6 +16,7 @@ from omnigpt.align.modeling import response_logprobs
 from omnigpt.align.ppo import KLController, gae, kl_penalized_rewards, ppo_losses
 from omnigpt.align.reward import preference_loss, ranking_pairs
 from omnigpt.data import chat_tasks as ct
+from omnigpt.data import scenes as sb
 from omnigpt.tokenizer.text import train_bpe
 
 
@@ -225,3 +226,55 @@ def test_chat_tasks_checker_accepts_references_and_rejects_flaws(tmp_path):
     comps = load_comparisons(files["comparisons.jsonl"])
     assert {len(c.answers) for c in comps} >= {2, 3}
     assert all(p.task for p in load_prompts(files["heldout.jsonl"], need_task=True))
+
+
+def test_shapebind_tasks_are_scenes_as_text_with_answers_the_scene_graph_gives():
+    tasks = [t for split in ("train", "heldout") for t in ct.sample_tasks(120, 7, split, kinds=("shapebind",))]
+    assert {t.spec["type"] for t in tasks} == set(ct.SCENE_QA_TYPES)
+    for t in tasks:
+        seed, n = t.spec["scene"]
+        scene = sb.make_scene(seed, n)  # the scenes.py generator's own scene, also renderable to pixels
+        text, _, question = t.messages[-1]["content"].partition(". ")
+        # the text carries the whole scene graph: every object's size, colour, shape and grid cell
+        assert ct.parse_scene_text(text) == [(o.size, o.color, o.shape, o.row, o.col) for o in scene.objects]
+        # the answer, re-derived from the scene graph by scenes.py's independent question parser
+        answer = {"position": lambda: f"{t.spec['unit']} {t.spec['steps'][0]} vs {t.spec['unit']} {t.spec['steps'][1]}: "
+                                      f"{t.spec['answer']}"}.get(t.spec["type"], lambda: str(t.spec["answer"]))()
+        assert sb.answer_is_correct(scene, sb.QA(t.spec["type"], question[:1].lower() + question[1:], answer)), t.messages
+        assert ct.check(t.spec, t.reference)
+        assert not any(ct.check(t.spec, r) for r, _ in t.flawed)
+        assert {k for _, k in t.flawed} == {1, 2}  # K=3 rankings: correct > one flaw > two flaws
+    # held-out prompts ask about scenes that no train prompt shows
+    scenes = lambda split: {t.spec["scene"][0] for t in ct.sample_tasks(300, 5, split, kinds=("shapebind",))}  # noqa: E731
+    assert not scenes("train") & scenes("heldout")
+    # the checker: hedges, unstated or misread cells and spelled-out numbers fail; a terse right answer passes
+    color = {"kind": "shapebind", "type": "color", "answer": "red"}
+    assert ct.check(color, "Red.") and ct.check(color, "The small star is RED.")
+    assert not ct.check(color, "The star is red or blue.") and not ct.check(color, "I cannot tell.")
+    shape = {"kind": "shapebind", "type": "shape", "answer": "cross"}
+    assert ct.check(shape, "The red object is a cross.") and not ct.check(shape, "Two crosses and a star.")
+    count = {"kind": "shapebind", "type": "count", "answer": 2}
+    assert ct.check(count, "There are 2.") and not ct.check(count, "There are two.") and not ct.check(count, "2 or 3")
+    pos = {"kind": "shapebind", "type": "position", "answer": "left", "unit": "column", "steps": [1, 2]}
+    assert ct.check(pos, "Column 1 vs column 2: left.") and ct.check(pos, "Left.")
+    assert not ct.check(pos, "Column 2 vs column 1: left.") and not ct.check(pos, "left or right")
+
+
+def test_task_files_with_and_without_shapebind(tmp_path):
+    files = ct.write_task_files(tmp_path / "a", n_sft=50, n_pairs=20, n_prompts=20, n_heldout=20, n_pretrain_docs=200)
+    kinds = [p.task["kind"] for p in load_prompts(files["heldout.jsonl"], need_task=True)]
+    assert kinds.count("shapebind") == 4  # kinds in turn
+    prose = files["pretrain.txt"].read_text().splitlines()
+    scene_docs = [d for d in prose if d.startswith("Scene: ")]
+    assert 20 < len(scene_docs) < 80  # scene_frac 0.2 of 200
+    held = [p for p in load_prompts(files["heldout.jsonl"]) if p.task["kind"] == "shapebind"]
+    assert all(ct.split_of(f"shapebind|{p.task['scene'][0]}") == "heldout" for p in held)
+    # no held-out scene appears in the pretraining prose (its scenes come from the train split)
+    pretrain_scenes = {d.split(". ")[0] for d in scene_docs}
+    assert all(ct.parse_scene_text(s + ".") for s in pretrain_scenes)
+    assert not pretrain_scenes & {p.messages[-1]["content"].split(". ")[0] for p in held}
+    # without the kind: no scenes in the prose, and the four older kinds only
+    old = ct.write_task_files(tmp_path / "b", n_sft=10, n_pairs=10, n_prompts=10, n_heldout=10, n_pretrain_docs=50,
+                              kinds=("arith", "one_word", "json", "system"))
+    assert not any(d.startswith("Scene: ") for d in old["pretrain.txt"].read_text().splitlines())
+    assert {p.task["kind"] for p in load_prompts(old["prompts.jsonl"])} <= {"arith", "one_word", "json", "system"}

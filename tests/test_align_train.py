@@ -106,7 +106,8 @@ def test_ppo_resume_gives_the_identical_next_step(world, tmp_path):
     prompts = load_prompts(files["prompts.jsonl"])
     docs = [tok.encode(t) + [tok.eot_id] for t in files["pretrain.txt"].read_text().splitlines()]
     cfg = dict(steps=3, batch_size=4, max_new_tokens=6, ppo_epochs=2, minibatches=2, target_kl=0.5, ptx_coef=0.5,
-               ptx_batch_size=2, ptx_seq_len=32, ckpt_every=2, keep_checkpoints=5, log_every=1, device="cpu", lr=1e-3)
+               ptx_batch_size=2, ptx_seq_len=32, ckpt_every=2, keep_checkpoints=5, log_every=1, device="cpu", lr=1e-3,
+               reward_norm_samples=8)  # the normalisation measured at the start must come back with the checkpoint
     full = tmp_path / "full"
     train_ppo(world["policy"], tok, prompts, PPOConfig(out_dir=str(full), **cfg), reward_path=world["rm"], ptx_docs=docs)
     resumed = tmp_path / "resumed"
@@ -117,6 +118,24 @@ def test_ppo_resume_gives_the_identical_next_step(world, tmp_path):
     assert _record(full, 3)["kl_coef"] != 0.05  # the adaptive beta moved and was restored
     _same_weights(full / "model", resumed / "model")
     _same_weights(full / "value", resumed / "value")
+
+
+def test_ppo_reward_normalisation_rescales_the_same_rollouts(world, tmp_path):
+    """Normalised scores are (score - mean) / std of the reward model over the starting policy's responses, measured
+    under their own seed: the first step's rollouts are the same with and without it."""
+    tok, files = world["tok"], world["files"]
+    from omnigpt.align.data import load_prompts
+
+    prompts = load_prompts(files["prompts.jsonl"])
+    cfg = dict(steps=1, batch_size=4, max_new_tokens=6, ppo_epochs=1, minibatches=1, log_every=1, device="cpu")
+    train_ppo(world["policy"], tok, prompts, PPOConfig(out_dir=str(tmp_path / "raw"), **cfg), reward_path=world["rm"])
+    train_ppo(world["policy"], tok, prompts, PPOConfig(out_dir=str(tmp_path / "norm"), reward_norm_samples=16, **cfg),
+              reward_path=world["rm"])
+    mean, std = json.loads((tmp_path / "norm" / "value" / "config.json").read_text())["align"]["reward_norm"]
+    assert std > 0 and mean != 0.0
+    raw, norm = _record(tmp_path / "raw", 1), _record(tmp_path / "norm", 1)
+    assert raw["response_len"] == norm["response_len"] and raw["kl"] == norm["kl"]
+    assert norm["score"] == pytest.approx((raw["score"] - mean) / std, rel=1e-4, abs=1e-5)
 
 
 def test_commands_sft_resume_dpo_eval_and_bad_input(world, tmp_path, capsys):

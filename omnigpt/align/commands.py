@@ -31,6 +31,8 @@ HELP = {
     "kl_coef": "beta of the KL penalty", "target_kl": "> 0: adaptive beta aiming at this KL per response (nats)",
     "ptx_coef": "weight of the pretraining loss (PPO-ptx; needs --ptx-data)", "group_size": "responses per prompt",
     "missing_eos_penalty": "subtracted from the score of responses cut at --max-new-tokens",
+    "reward_norm_samples": "> 0: normalise reward-model scores (and values) to mean 0, std 1 over this many of the "
+                           "starting policy's responses, measured before training",
 }
 
 
@@ -131,6 +133,8 @@ def add_commands(subparsers) -> None:
     t.add_argument("--n-heldout", type=int, default=200)
     t.add_argument("--flawed-frac", type=float, default=0.3, help="fraction of demonstrations with one flaw")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--kinds", default="arith,one_word,json,system,shapebind",
+                   help="task kinds, in turn (shapebind: ShapeBind scenes as text, then one of their questions)")
     t.set_defaults(func=cmd_tasks)
 
 
@@ -312,6 +316,6 @@ def cmd_tasks(args) -> None:
     from omnigpt.data.chat_tasks import write_task_files
 
     files = write_task_files(args.out, n_sft=args.n_sft, n_pairs=args.n_pairs, n_prompts=args.n_prompts, n_heldout=args.n_heldout,
-                             flawed_frac=args.flawed_frac, seed=args.seed)
+                             flawed_frac=args.flawed_frac, seed=args.seed, kinds=tuple(args.kinds.split(",")))
     for name, path in files.items():
         print(f"{name:>22}: {path}")

@@ -78,6 +78,10 @@ class PPOConfig(AlignConfig):
     ptx_seq_len: int = 256
     missing_eos_penalty: float = 0.0  # subtracted from the score of a response cut at max_new_tokens
     whiten_advantages: bool = True
+    # > 0: before training, score this many of the starting policy's responses with the reward model and use
+    # (score - mean) / std from then on (value outputs alike): beta then trades nats against standard deviations of
+    # score, whatever scale the reward model's fit landed on. Reward-model PPO only (the verifier's 1/0 is unchanged)
+    reward_norm_samples: int = 0
 
     def validate(self) -> None:
         super().validate()

@@ -2,7 +2,10 @@
 
 One step:
   1. rollout   sample one response per prompt from the policy (batched KV-cache generation);
-  2. score     reward model score s at the response's last token (or the task verifier);
+  2. score     reward model score s at the response's last token (or the task verifier); with
+               reward_norm_samples, s is normalised to (s - mu) / sigma, mu and sigma the reward model's mean and
+               std over the starting policy's own responses, measured once before training (InstructGPT normalises
+               its reward model so that SFT outputs score 0 on average); the value outputs are read on that scale;
   3. rewards   per token r_t = -beta * (log pi(y_t) - log pi_ref(y_t)), plus s on the last token
                (beta fixed, or adapted towards a target KL per response: Ziegler et al.'s controller);
   4. GAE       advantages A_t and returns from r_t and the value model's V_t (value model initialised from the
@@ -88,6 +91,33 @@ class KLController:
         return self.value
 
 
+@torch.no_grad()
+def reward_stats(policy, reward_fn, tok, ids: list[list[int]], prompts: list[Prompt], keep: list[int], tc: PPOConfig,
+                 run: Run) -> tuple[float, float]:
+    """Mean and std of the reward model's score on `tc.reward_norm_samples` responses (over all ranks) of the
+    starting policy to train prompts, sampled under their own seed (the run's random state is left alone)."""
+    device = run.device
+    n = max(1, tc.reward_norm_samples // run.info.world_size)
+    g = torch.Generator().manual_seed(tc.seed * 1000 + 17 + run.info.rank)
+    rows = [keep[i] for i in torch.randint(len(keep), (n,), generator=g).tolist()]
+    total = {"n": 0.0, "sum": 0.0, "sumsq": 0.0}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(tc.seed * 1000 + 23 + run.info.rank)
+        for k in range(0, n, tc.batch_size):
+            chunk = rows[k:k + tc.batch_size]
+            responses = sample_responses(policy, [ids[i] for i in chunk], tok, max_new_tokens=tc.max_new_tokens,
+                                         temperature=tc.temperature, lockstep=run.info.distributed, autocast=run.autocast)
+            batch = make_batch([ids[i] for i in chunk], responses, pad_id=tok.pad_id).to(device)
+            with run.autocast():
+                score = reward_fn(batch, responses, [prompts[i] for i in chunk]).double()
+            total = {"n": total["n"] + len(chunk), "sum": total["sum"] + score.sum().item(),
+                     "sumsq": total["sumsq"] + (score ** 2).sum().item()}
+    total = run.reduce(total, op="sum")
+    mean = total["sum"] / total["n"]
+    var = max(total["sumsq"] / total["n"] - mean ** 2, 0.0)
+    return mean, max(var ** 0.5, 1e-3)
+
+
 # ---- models ----------------------------------------------------------------------------------------------------
 class ActorCritic(nn.Module):
     """Policy and value model as one module: one optimizer, one checkpoint. Each is its own FSDP root."""
@@ -133,6 +163,18 @@ def train_ppo(policy_path, tok, prompts: list[Prompt], tc: PPOConfig, *, reward_
 
     ids = [encode_prompt(tok, p.messages) for p in prompts]
     keep = fitting_prompts(ids, tc.max_new_tokens, min(tc.max_len, cfg.max_seq_len))
+    norm_mean, norm_std = 0.0, 1.0  # score -> (score - mean) / std; values are read on the same scale
+    if reward_model is not None and tc.reward_norm_samples > 0:
+        if state and state.get("reward_norm"):
+            norm_mean, norm_std = state["reward_norm"]
+        else:
+            norm_mean, norm_std = reward_stats(model.policy, reward_fn, tok, ids, prompts, keep, tc, run)
+        run.say(f"ppo: reward model normalised by its mean {norm_mean:.3f} and std {norm_std:.3f} over "
+                f"{tc.reward_norm_samples} responses of the starting policy")
+
+    def values_of(b):
+        return (scalar_outputs(model.value, b)[0] - norm_mean) / norm_std
+
     run.say(f"ppo: {len(keep)} prompts ({len(prompts) - len(keep)} too long), {tc.batch_size} x {run.info.world_size} "
             f"rollouts per step, beta {kl_ctl.value}{' adaptive' if tc.target_kl else ''}, ptx {tc.ptx_coef}")
     T, V, with_tasks = tc.temperature, tok.vocab_size, all(p.task for p in prompts)
@@ -149,8 +191,8 @@ def train_ppo(policy_path, tok, prompts: list[Prompt], tc: PPOConfig, *, reward_
         with torch.no_grad(), run.autocast():
             old_logp = token_logprobs(response_logits(model.policy, batch, V) / T, batch.tokens) * mask
             ref_logp = token_logprobs(response_logits(ref, batch, V) / T, batch.tokens) * mask
-            old_values = scalar_outputs(model.value, batch)[0] * mask
-            score = reward_fn(batch, responses, recs).float()
+            old_values = values_of(batch) * mask
+            score = (reward_fn(batch, responses, recs).float() - norm_mean) / norm_std
         ended = torch.tensor([float(r[-1] == tok.im_end_id) for r in responses], device=run.device)
         score = score - tc.missing_eos_penalty * (1 - ended)
         rewards, kl = kl_penalized_rewards(score, old_logp, ref_logp, mask, kl_ctl.value)
@@ -165,7 +207,7 @@ def train_ppo(policy_path, tok, prompts: list[Prompt], tc: PPOConfig, *, reward_
                 b = batch.select(mb)
                 with run.autocast():
                     logits = response_logits(model.policy, b, V) / T
-                    values = scalar_outputs(model.value, b)[0]
+                    values = values_of(b)
                 logp = token_logprobs(logits, b.tokens) * b.mask
                 losses = ppo_losses(logp, old_logp[mb], advantages[mb], values * b.mask, old_values[mb], returns[mb],
                                     b.mask, tc.clip_range, tc.clip_range_value)
@@ -190,7 +232,9 @@ def train_ppo(policy_path, tok, prompts: list[Prompt], tc: PPOConfig, *, reward_
         record.update(kl_coef=kl_ctl.value, lr=lr)
         kl_ctl.update(record["kl"], tc.batch_size * run.info.world_size)
         run.log(record)
-        run.maybe_checkpoint(model, opt, cfg, {"kl_coef": kl_ctl.value, "ptx": loader.state_dict() if loader else None})
+        run.maybe_checkpoint(model, opt, cfg, {"kl_coef": kl_ctl.value, "ptx": loader.state_dict() if loader else None,
+                                               "reward_norm": [norm_mean, norm_std]})
     run.export(model.policy, cfg, tok, {"stage": "ppo"})
-    run.export(model.value, model.value.cfg, tok, {"stage": "ppo-value", "head": "scalar"}, name="value")
+    run.export(model.value, model.value.cfg, tok, {"stage": "ppo-value", "head": "scalar", "reward_norm": [norm_mean, norm_std]},
+               name="value")
     return record
