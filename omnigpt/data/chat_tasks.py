@@ -10,10 +10,11 @@ numbers, colours of things, animal sounds, opposites. A *task* wraps a fact in a
     system    a system message sets a rule the reply must obey   -> rule obeyed and the fact right:
                caps ("Always reply in capital letters."), prefix ("Start every reply with 'OK:'"), suffix
                ("End every reply with 'Bye!'"), colors_only (off-topic questions get "I only talk about colors.")
-    shapebind a ShapeBind scene (omnigpt.data.scenes: its own generator   -> the answer the scene graph gives:
-              and questions) rendered as text, then a question:              colour / shape named alone, the count as the
-              "Scene: a small red circle in row 1, column 1; a large        last number, the relation word alone (and the
-              blue star in row 2, column 2. What color is the star?"        rows / columns, if stated, the true ones)
+    shapebind a scene of omnigpt.data.scenes (its own generator   -> the answer the scene graph gives: colour or
+               and questions) as text, then one of its               shape named alone, the count as the last
+               questions: "Scene: a small red circle in row 1,       number, the relation word alone (and rows /
+               column 1; a large blue star in row 2, column 2.       columns, if stated, the true ones)
+               What color is the star?"
 
 Every task carries a JSON `spec`; `check(spec, reply)` is the verifier. `flawed_answers` gives answers with one
 or two flaws (wrong fact, broken format, ignored system rule), so preference pairs (correct vs flawed) and K-way
