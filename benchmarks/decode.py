@@ -87,7 +87,8 @@ def graph_decode(model, prompts: torch.Tensor, new: int, variant: str):
     dec = decoder(model, B, P + new, variant)
     logits = dec.prefill(prompts, [P] * B)
     positions = torch.arange(P, P + new, device="cuda")
-    pick = (lambda x: x) if dec.greedy else (lambda logits: logits.argmax(-1))
+    # the greedy step's output is the graph's static tensor, overwritten by the next replay: keep a copy of it
+    pick = (lambda tokens: tokens.clone()) if dec.greedy else (lambda logits: logits.argmax(-1))
 
     def loop():
         out, tok = [], logits.argmax(-1)
@@ -146,8 +147,12 @@ def main():
         first = dec.prefill(prompt1, [P])
         tok = first.argmax(-1)
         got = dec.step(tok, torch.full((1,), P, device="cuda"), P)
-        if dec.greedy:  # check the logits of the same step through a plain graph instead
-            got = decoder(model, 1, P + new, name.replace("+argmax", "")).step(tok, torch.full((1,), P, device="cuda"), P)
+        if dec.greedy:  # check the logits of the same step through a plain graph instead, and its argmax
+            plain = decoder(model, 1, P + new, name.replace("+argmax", ""))
+            plain.prefill(prompt1, [P])
+            logits = plain.step(tok, torch.full((1,), P, device="cuda"), P)
+            assert torch.equal(got.view(-1), logits.argmax(-1).view(-1)), "the in-graph argmax differs"
+            got = logits
         got = got.float()
         with torch.no_grad():
             ref = model(torch.cat([prompt1, tok.view(1, 1)], 1)).logits[:, -1].float()
