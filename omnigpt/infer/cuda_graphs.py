@@ -104,8 +104,9 @@ class CudaGraphDecoder:
 
     @torch.no_grad()
     def step(self, tokens_B: torch.Tensor, pos_B: torch.Tensor, max_pos: int) -> torch.Tensor:
-        """Write tokens_B at positions pos_B and return next-token logits (B, V) (greedy: tokens (B,)). max_pos = the largest position
-        of a live row, known to the caller without a device sync (it counts tokens); idle rows pass max_len.
+        """Write tokens_B at positions pos_B and return next-token logits (B, V), or with greedy the tokens (B,).
+        max_pos = the largest position of a live row, known to the caller without a device sync (it counts
+        tokens); idle rows pass max_len.
         The returned tensor is overwritten by the next step: index or copy it first."""
         length = self.bucket(max_pos)
         self.tokens.copy_(tokens_B.view(-1, 1))
