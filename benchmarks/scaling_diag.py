@@ -4,6 +4,8 @@
     python benchmarks/scaling_diag.py train --out runs/scaling-diag/base 88:0,1,2,3
     # the same with muP's width-independent input-embedding lr (the lr at --lr-ref-width, for every width)
     python benchmarks/scaling_diag.py train --out runs/scaling-diag/mup --embed-lr-const 8:0,1,2,3,4 24:0,1,2,3,4
+    # another family (LadderSpec fields), e.g. four layers instead of two
+    python benchmarks/scaling_diag.py train --out runs/scaling-diag/depth4 --set depth=4 -- 8:0,1,2 64:0,1
     # fit some widths (pure power law, as the ladder) and predict a held-out width, its seeds averaged
     python benchmarks/scaling_diag.py backtest --fit 8,12,16,20 --held 88 runs/scaling-cpu/runs.jsonl runs/scaling-diag/base/runs.jsonl
     # how much seed noise moves the ladder's own prediction (at the target's compute, 9.1e12 FLOPs)
@@ -37,6 +39,11 @@ def cmd_train(args) -> None:
 
     torch.set_num_threads(args.threads)
     spec = LadderSpec(downstream="", mc_items=0)
+    for kv in args.set:  # another family: LadderSpec fields, e.g. depth=4 seq_len=64
+        k, _, v = kv.partition("=")
+        if not hasattr(spec, k):
+            raise SystemExit(f"--set: LadderSpec has no field {k!r}")
+        setattr(spec, k, json.loads(v))
     if args.embed_lr_const:  # muP (Tensor Programs V, table 3): input weights keep one lr at every width
         build = trainer.build_optimizer
 
@@ -134,6 +141,7 @@ def main() -> None:
     t.add_argument("--data", default=str(CORPUS))
     t.add_argument("--embed-lr-const", action="store_true")
     t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON", help="LadderSpec overrides: another family")
     t.add_argument("runs", nargs="+", metavar="WIDTH:SEEDS")
     b = sub.add_parser("backtest")
     b.add_argument("--fit", required=True)

@@ -106,6 +106,57 @@ def test_loader_resume_gives_the_same_batches():
         PackedLoader(sources, 32, 4, weights=[1.0, 2.0], seed=7).load_state_dict(state)
 
 
+def test_long_documents_are_cut_into_pieces_drawn_apart():
+    """piece_len: each long document becomes pieces in random order; every token still comes once per epoch, rows
+    keep their invariants, and a loader resumes exactly. Without long documents the order is unchanged."""
+    short = make_docs(30, seed=1, hi=20)
+    long = make_docs(3, seed=2, lo=600, hi=700, base=5_000_000)  # ids 5e6 + 1000k + j: k < 3, j < 700 stay unique
+    docs = short + long
+    total = sum(len(d) for d in docs)
+    owner = doc_of_token(docs)
+    whole = PackedLoader([ListSource("s", docs)], 16, 2, seed=0)
+    cut = PackedLoader([ListSource("s", docs)], 16, 2, seed=0, piece_len=48)
+    seen = {"whole": [], "cut": []}
+    for name, loader in (("whole", whole), ("cut", cut)):
+        for _ in range(-(-total // 32)):  # one epoch of rows (each row holds T+1 stream tokens, its last shared)
+            b = next(loader)
+            check_row_invariants(b, docs)
+            seen[name].append(b)
+    long_tokens = {t for t, k in owner.items() if k >= 30}
+    first_long = {owner[t] for b in seen["cut"][:20] for t in b.inputs.flatten().tolist() if t in long_tokens}
+    assert len(first_long) >= 2  # pieces of different long documents interleave early on
+    def longest_run(batches):  # consecutive batches whose tokens all come from one long document
+        best = run = 0
+        for b in batches:
+            ks = {owner.get(t) for t in b.inputs.flatten().tolist() if t != EOT}
+            run = run + 1 if len(ks) == 1 and ks <= {30, 31, 32} else 0
+            best = max(best, run)
+        return best
+    assert longest_run(seen["whole"]) >= 15 and longest_run(seen["cut"]) <= 4  # a 48-token piece spans <= 3 batches of 32
+    # Each pass over the pieces covers every token of every document once: count a whole epoch of the stream.
+    mix = cut.stream.__class__([ListSource("s", docs)], None, 0, 48)
+    drawn = []
+    while sum(n for *_, n, _ in drawn) < total:
+        drawn.append(mix.next())
+    covered = sorted((d, off + j) for _, d, n, off in drawn for j in range(n))
+    assert covered == sorted((k, j) for k, d in enumerate(docs) for j in range(len(d)))
+    # Resume with pieces; a state saved without them is refused.
+    ref = PackedLoader([ListSource("s", docs)], 16, 2, seed=0, piece_len=48)
+    expected = [next(ref) for _ in range(40)]
+    again = PackedLoader([ListSource("s", docs)], 16, 2, seed=0, piece_len=48)
+    for _ in range(17):
+        next(again)
+    resumed = PackedLoader([ListSource("s", docs)], 16, 2, seed=0, piece_len=48)
+    resumed.load_state_dict(again.state_dict())
+    for k in range(17, 40):
+        assert torch.equal(next(resumed).inputs, expected[k].inputs)
+    with pytest.raises(ValueError, match="piece_len"):
+        PackedLoader([ListSource("s", docs)], 16, 2, seed=0).load_state_dict(again.state_dict())
+    # No document longer than a piece: the same batches as whole documents.
+    a, b = PackedLoader([ListSource("s", short)], 16, 2, seed=4), PackedLoader([ListSource("s", short)], 16, 2, seed=4, piece_len=64)
+    assert all(torch.equal(next(a).inputs, next(b).inputs) for _ in range(20))
+
+
 def test_ranks_get_disjoint_parts_of_the_same_global_batch():
     sources = [ListSource("a", make_docs(40, seed=5))]
     one = PackedLoader(sources, 16, 6, seed=1)

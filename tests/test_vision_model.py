@@ -327,7 +327,9 @@ def test_tiny_vlm_learns_scene_questions(tok, fusion):
     samples, batch = qa_batch(tok, vlm.cfg.image_tokens, 6)
     assert len({s.answer for s in samples}) > 2  # not one answer for all
     pixels = normalize(batch.images, VC)
-    opt = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=5e-3, weight_decay=0.0)
+    # lr 5e-3 sat on the question-prior plateau (ln 2 per same-question pair) for some seeds and CPUs; at 2e-3 five
+    # seeds of both modes were under 0.05 by step 170-250
+    opt = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.0)
     for _ in range(350):
         loss = vlm(batch.inputs, batch.targets, pixels).loss
         loss.backward()

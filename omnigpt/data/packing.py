@@ -107,20 +107,24 @@ class Batch:
         return int((self.targets != IGNORE).sum())
 
 
-def row_arrays(pieces: list[tuple[np.ndarray, int]], T: int):
-    """Assemble one row from (tokens, document number) pieces covering at most T+1 stream tokens.
+def row_arrays(pieces: list[tuple], T: int):
+    """Assemble one row from (tokens, document number[, cut]) pieces covering at most T+1 stream tokens.
 
     Returns (inputs, targets, doc_ids, pos), each (T,) int64. Document numbers only need to differ between
-    documents; -1 marks padding."""
+    documents; -1 marks padding. `cut`: the piece's last token here ends a piece, not its document, so nothing is
+    predicted from it (its document goes on elsewhere)."""
     tok = np.zeros(T + 1, dtype=np.int64)
     doc = np.full(T + 1, -1, dtype=np.int64)
-    n = 0
-    for toks, d in pieces:
+    n, cut_inputs = 0, []
+    for toks, d, *cut in pieces:
         tok[n:n + len(toks)] = toks
         doc[n:n + len(toks)] = d
         n += len(toks)
+        if cut and cut[0] and n - 1 < T:
+            cut_inputs.append(n - 1)
     inputs, targets = tok[:-1], tok[1:].copy()
     doc_ids = doc[1:].copy()  # an input belongs to its target's document
+    doc_ids[cut_inputs] = -1
     targets[doc_ids < 0] = IGNORE
     # Positions restart at every change of document (and at the row start).
     starts = np.ones(T, dtype=bool)
@@ -136,9 +140,14 @@ def _name_key(name: str) -> int:
 
 
 class MixtureStream:
-    """Infinite, deterministic sequence of (source index, document index) picks, mixed by token share."""
+    """Infinite, deterministic sequence of (source, document, length, offset) picks, mixed by token share.
 
-    def __init__(self, sources: Sequence, weights: Sequence[float] | None, seed: int):
+    piece_len cuts documents longer than that into pieces drawn independently, in random order. Without it one long
+    document (a 100k-token source file) fills hundreds of consecutive rows, so a small-batch run sees one source
+    for many steps and ends wherever its last steps happened to be: on the all-sources corpus, 4-row runs of the same
+    size differed by up to 1 nat between seeds. Pieces restart positions, as row starts already do."""
+
+    def __init__(self, sources: Sequence, weights: Sequence[float] | None, seed: int, piece_len: int | None = None):
         if not sources:
             raise ValueError("no data sources")
         weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
@@ -151,32 +160,50 @@ class MixtureStream:
                 raise ValueError(f"source {s.name!r} has no tokens but mixture weight {w}")
         if not any(w > 0 for w in weights):
             raise ValueError("all mixture weights are zero")
-        self.sources, self.weights, self.seed = list(sources), weights, seed
+        if piece_len is not None and piece_len <= 0:
+            raise ValueError(f"piece_len={piece_len} must be positive")
+        self.sources, self.weights, self.seed, self.piece_len = list(sources), weights, seed, piece_len
+        self._pieces: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # source -> (document, offset) of each piece
         self.drawn = [0] * len(sources)  # tokens drawn per source: decides the next source
         self.epoch = [0] * len(sources)
         self.cursor = [0] * len(sources)  # position in this epoch's permutation
         self._perms: dict[int, tuple[int, np.ndarray]] = {}
 
+    def _piece_table(self, s: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every document as ceil(length / piece_len) pieces (at least one, so that without long documents the
+        order is the documents' own)."""
+        if s not in self._pieces:
+            lengths = np.asarray(self.sources[s].lengths, dtype=np.int64)
+            count = np.ones_like(lengths) if self.piece_len is None else np.maximum(1, -(-lengths // self.piece_len))
+            doc = np.repeat(np.arange(len(lengths), dtype=np.int64), count)
+            first = np.repeat(np.cumsum(count) - count, count)  # index of each piece's document's first piece
+            self._pieces[s] = (doc, (np.arange(len(doc), dtype=np.int64) - first) * (self.piece_len or 0))
+        return self._pieces[s]
+
     def _perm(self, s: int) -> np.ndarray:
         cached = self._perms.get(s)
         if cached is None or cached[0] != self.epoch[s]:
             rng = np.random.default_rng([self.seed, _name_key(self.sources[s].name), self.epoch[s]])
-            cached = (self.epoch[s], rng.permutation(len(self.sources[s])))
+            cached = (self.epoch[s], rng.permutation(len(self._piece_table(s)[0])))
             self._perms[s] = cached
         return cached[1]
 
-    def next(self) -> tuple[int, int, int]:
-        """(source, document, length); documents of length 0 are skipped."""
+    def next(self) -> tuple[int, int, int, int]:
+        """(source, document, length, offset in the document); empty documents are skipped."""
         while True:
             s = min((i for i, w in enumerate(self.weights) if w > 0), key=lambda i: self.drawn[i] / self.weights[i])
-            doc = int(self._perm(s)[self.cursor[s]])
+            docs, offsets = self._piece_table(s)
+            k = int(self._perm(s)[self.cursor[s]])
             self.cursor[s] += 1
-            if self.cursor[s] == len(self.sources[s]):
+            if self.cursor[s] == len(docs):
                 self.epoch[s], self.cursor[s] = self.epoch[s] + 1, 0
-            n = self.sources[s].doc_len(doc)
+            doc, off = int(docs[k]), int(offsets[k])
+            n = self.sources[s].doc_len(doc) - off
+            if self.piece_len is not None:
+                n = min(n, self.piece_len)
             self.drawn[s] += n
             if n:
-                return s, doc, n
+                return s, doc, n, off
 
     def state_dict(self) -> dict:
         return {"drawn": list(self.drawn), "epoch": list(self.epoch), "cursor": list(self.cursor)}
@@ -197,7 +224,7 @@ class SequentialStream:
             self.cursor += 1
             n = self.source.doc_len(doc)
             if n:
-                return self.index, doc, n
+                return self.index, doc, n, 0
         return None
 
     def state_dict(self) -> dict:
@@ -216,17 +243,18 @@ class PackedLoader:
     """
 
     def __init__(self, sources: Sequence, seq_len: int, batch_size: int, *, weights: Sequence[float] | None = None,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, stream=None):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, stream=None, piece_len: int | None = None):
         if seq_len <= 0 or batch_size <= 0:
             raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be positive")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.sources = list(sources)
         self.T, self.B, self.rank, self.world = seq_len, batch_size, rank, world_size
-        self.stream = stream if stream is not None else MixtureStream(self.sources, weights, seed)
-        self.weights, self.seed = weights, seed
+        self.stream = stream if stream is not None else MixtureStream(self.sources, weights, seed, piece_len)
+        self.weights, self.seed, self.piece_len = weights, seed, piece_len
         self.row = 0  # next global row
-        self.window: list[list[int]] = []  # [source, doc, stream start, length] of documents reaching row*T onwards
+        # [source, doc, stream start, length, offset in the doc] of the pieces reaching row*T onwards
+        self.window: list[list[int]] = []
         self.end = 0  # stream offset just past the last document drawn
         self.exhausted = False  # a finite stream ran out
 
@@ -237,8 +265,8 @@ class PackedLoader:
             if pick is None:
                 self.exhausted = True
                 return
-            s, d, n = pick
-            self.window.append([s, d, self.end, n])
+            s, d, n, off = pick
+            self.window.append([s, d, self.end, n, off])
             self.end += n
 
     def _row(self, materialise: bool):
@@ -247,11 +275,12 @@ class PackedLoader:
         out = None
         if materialise:
             pieces = []
-            for s, d, a, n in self.window:
+            for s, d, a, n, off in self.window:
                 lo, hi = max(start, a), min(stop, a + n)
                 if lo < hi:
-                    toks = self.sources[s].doc(d)[lo - a:hi - a]
-                    pieces.append((toks, a))  # the stream offset is a unique document number
+                    toks = self.sources[s].doc(d)[off + lo - a:off + hi - a]
+                    cut = hi == a + n and off + n < self.sources[s].doc_len(d)
+                    pieces.append((toks, a, cut))  # the stream offset is a unique document number
             out = row_arrays(pieces, self.T)
         self.row += 1
         nxt = self.row * self.T
@@ -279,6 +308,7 @@ class PackedLoader:
             "sources": [s.name for s in self.sources],
             "weights": None if self.weights is None else [float(w) for w in self.weights],
             "seed": self.seed,
+            "piece_len": self.piece_len,
             "row": self.row,
             "end": self.end,
             "window": [list(w) for w in self.window],
@@ -288,11 +318,11 @@ class PackedLoader:
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        for key in ("seq_len", "sources", "weights", "seed"):
+        for key in ("seq_len", "sources", "weights", "seed", "piece_len"):
             if state.get(key) != mine[key]:
                 raise ValueError(f"data position was saved with {key}={state.get(key)!r}, this run has {key}={mine[key]!r}")
         self.row, self.end, self.exhausted = int(state["row"]), int(state["end"]), bool(state["exhausted"])
-        self.window = [list(map(int, w)) for w in state["window"]]
+        self.window = [list(map(int, w)) + [0] * (5 - len(w)) for w in state["window"]]  # older states: whole documents
         self.stream.load_state_dict(state["stream"])
 
 

@@ -26,6 +26,8 @@ def add_commands(subparsers) -> None:
     g.add_argument("--mix", metavar="SRC=W,...", help="mixture weights by token share of the listed sources (others are "
                    "left out); default: every source in proportion to its size")
     g.add_argument("--tokenizer", metavar="SPEC", help="check the shards were made with this tokenizer")
+    g.add_argument("--piece-rows", type=int, default=d.piece_rows, help="cut documents longer than this many rows into "
+                   "pieces drawn in random order (0: whole documents)")
     g.add_argument("--preset", default="tiny", help="model preset (see omnigpt model-card), default tiny")
     g.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a ModelConfig field, e.g. --model n_layers=4 (repeatable); vocab_size defaults to the corpus tokenizer's, padded to 64")

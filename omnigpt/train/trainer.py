@@ -62,6 +62,7 @@ class TrainConfig:
     seed: int = 0
     weights: list[float] | None = None  # mixture weights of the training sources (None: equal token shares)
     doc_mask: bool = True  # attention stays inside each packed document
+    piece_rows: int = 8  # documents longer than this many rows are cut into pieces drawn apart (0: whole documents)
     tokenizer_sha256: str | None = None  # of the corpus tokenizer: a resume on shards of another tokenizer stops
     # bookkeeping
     log_every: int = 10
@@ -154,7 +155,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, data: TrainData, *, resume: bool = 
     parallelize(model, info, expert_parallel=tc.expert_parallel, compile=tc.compile)
     optimizer = build_optimizer(model, tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2), muon_lr=tc.muon_lr)
     params = [p for p in model.parameters() if p.requires_grad]
-    loader = PackedLoader(data.train, tc.seq_len, tc.batch_size, weights=tc.weights, seed=tc.seed, rank=info.rank, world_size=info.world_size)
+    loader = PackedLoader(data.train, tc.seq_len, tc.batch_size, weights=tc.weights, seed=tc.seed, rank=info.rank,
+                          world_size=info.world_size, piece_len=tc.piece_rows * tc.seq_len or None)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if uses_autocast(info) else contextlib.nullcontext
 
     step, tokens, elapsed_before = 0, 0, 0.0
