@@ -9,7 +9,7 @@ import torch
 from omnigpt import cli
 from omnigpt.evals.vqa import format_table
 from omnigpt.model.multimodal import load_vlm
-from omnigpt.train.vlm import Clock, lr_at, quick_recipe, run_recipe
+from omnigpt.train.vlm import Clock, build_vlm, lr_at, quick_recipe, run_recipe
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -30,6 +30,26 @@ def test_schedule_and_clock():
     clock = Clock(steps=100, budget_s=1e-9)
     assert clock.done(0) and clock.progress(0) >= 1.0  # a spent time budget ends the stage
     assert not Clock(steps=100).done(99) and Clock(steps=100).done(100)
+
+
+def test_recipe_vlm_options_reach_the_model():
+    from omnigpt.config import ModelConfig
+    from omnigpt.data.vision_samples import shapebind_tokenizer
+    from omnigpt.model.transformer import Transformer
+    from omnigpt.model.vision import ViT, VisionConfig
+
+    r = toy_recipe().override(['vision={"patch_size": 8, "d_model": 32, "n_layers": 3, "n_heads": 2, "d_ff": 64}',
+                               "feature_layer=-2", "mrope=true", "pos2d_scale=0.5"])
+    tok = shapebind_tokenizer()
+    vision = ViT(VisionConfig(image_size=r.image_size, pool="mean", **r.vision))
+    lm = Transformer(ModelConfig(vocab_size=tok.padded_vocab_size(), **r.text))
+    inline, cross = build_vlm(r, "inline", tok, vision, lm), build_vlm(r, "cross", tok, vision, lm)
+    assert (inline.cfg.feature_layer, inline.cfg.mrope, inline.cfg.pos2d_scale) == (-2, True, 0.5)
+    assert cross.cfg.feature_layer == -2 and not cross.cfg.mrope  # M-RoPE is inline-only
+    last = build_vlm(r.override(["feature_layer=-1"]), "inline", tok, vision, lm)
+    pixels = torch.randn(1, 3, r.image_size, r.image_size)
+    with torch.no_grad():
+        assert not torch.allclose(inline.encode_images(pixels), last.encode_images(pixels))  # another block's tokens
 
 
 def test_recipe_end_to_end(tmp_path):

@@ -233,6 +233,7 @@ class Recipe:
     mrope: bool = False  # inline: 2-D rotary (row, column) positions of the image tokens in the LM (VLMConfig.mrope)
     pos_lm: bool = False  # inline: a learned (row, column) embedding added after the connector (VLMConfig.pos_lm)
     pos2d_scale: float = 1.0  # the 2-D sin-cos embedding added before the connector, times this
+    feature_layer: int = -1  # ViT block the connector reads (-2: the penultimate, as LLaVA; see vision_token_locality.py)
 
     def override(self, pairs: list[str]) -> Recipe:
         """FIELD=VALUE pairs, VALUE in JSON (numbers, null, lists, objects)."""
@@ -260,7 +261,7 @@ def build_vlm(recipe: Recipe, mode: str, tok, vision, lm) -> VLM:
     inline = mode == "inline"
     cfg = VLMConfig(vision=vision.cfg, text=lm.cfg, image_id=tok.image_id, fusion=mode, connector="mlp",
                     pixel_shuffle=recipe.pixel_shuffle if inline else 1, n_latents=recipe.n_latents,
-                    cross_every=recipe.cross_every, pos2d_scale=recipe.pos2d_scale,
+                    cross_every=recipe.cross_every, pos2d_scale=recipe.pos2d_scale, feature_layer=recipe.feature_layer,
                     mrope=recipe.mrope and inline, pos_lm=recipe.pos_lm and inline)
     return VLM(cfg, vision=copy.deepcopy(vision), lm=copy.deepcopy(lm))
 

@@ -1,0 +1,143 @@
+"""Do a CLIP-trained ViT's patch tokens still say what is *at* them, layer by layer? (issue 5, position questions)
+
+ShapeBind's inline VLM answers colour questions about one of several objects at 95% but "where is the red star?"
+at the rate of guessing among the occupied cells. One explanation: CLIP's mean-pooled contrastive loss trains the
+last block's tokens to carry the whole scene (every token "says" the caption), so the LM can bind attributes from
+any token but cannot find *which* tokens hold the named object, and so cannot read their position. LLaVA feeds the
+penultimate layer for a related reason. This measures it: train a small CLIP on ShapeBind captions, then, per
+block, fit a linear probe from the token at an object's centre to that object's colour and test it on fresh
+scenes. A token that holds its own object scores high at every N; a token that holds the scene drifts towards
+the colours of the other objects as N grows (the "other" column: wrong answers that name another object's colour).
+The last column asks the converse: from the empty patch farthest from a lone object, that object's colour (chance
+1/8 for a local token).
+
+    python benchmarks/vision_token_locality.py                      # ~6 min on 2 CPU cores
+    python benchmarks/vision_token_locality.py --steps 0            # the same probe on the untrained ViT
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from omnigpt.data import scenes as sb  # noqa: E402
+from omnigpt.data.vision_samples import shapebind_tokenizer  # noqa: E402
+from omnigpt.model.vision import CLIP, CLIPConfig, TextTowerConfig, VisionConfig, normalize  # noqa: E402
+from omnigpt.train.clip import CLIPTrainConfig, train_clip  # noqa: E402
+
+COLORS = list(sb.COLORS)
+
+
+def centre_tokens(vision, scenes: list[sb.Scene], layer: int, batch: int = 128):
+    """(features (K, D), colour index (K,), scene index (K,)) for the token under each object's centre."""
+    feats, labels, owner = [], [], []
+    for i in range(0, len(scenes), batch):
+        chunk = scenes[i:i + batch]
+        pixels = normalize(torch.from_numpy(np.stack([sb.render_array(s) for s in chunk])), vision.cfg)
+        with torch.no_grad():
+            tokens, (gh, gw) = vision.patch_tokens(pixels, layer)
+        for b, s in enumerate(chunk):
+            for o in s.objects:
+                r, c = min(gh - 1, int(o.cy * gh / s.image_size)), min(gw - 1, int(o.cx * gw / s.image_size))
+                feats.append(tokens[b, r * gw + c].float())
+                labels.append(COLORS.index(o.color))
+                owner.append(i + b)
+    return torch.stack(feats), torch.tensor(labels), torch.tensor(owner)
+
+
+def background_tokens(vision, scenes: list[sb.Scene], layer: int, batch: int = 128):
+    """(features (K, D), colour index (K,)) of one empty token per one-object scene, labelled with that object's
+    colour: a token that holds only what is at it knows nothing about it (chance); a token that holds the scene does."""
+    feats, labels = [], []
+    for i in range(0, len(scenes), batch):
+        chunk = scenes[i:i + batch]
+        pixels = normalize(torch.from_numpy(np.stack([sb.render_array(s) for s in chunk])), vision.cfg)
+        with torch.no_grad():
+            tokens, (gh, gw) = vision.patch_tokens(pixels, layer)
+        for b, s in enumerate(chunk):
+            (o,) = s.objects
+            cell = s.image_size / gh
+            # the empty patch farthest from the object
+            far = max(range(gh * gw), key=lambda k: ((k // gw + 0.5) * cell - o.cy) ** 2 + ((k % gw + 0.5) * cell - o.cx) ** 2)
+            feats.append(tokens[b, far].float())
+            labels.append(COLORS.index(o.color))
+    return torch.stack(feats), torch.tensor(labels)
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> torch.nn.Linear:
+    probe = torch.nn.Linear(x.shape[1], len(COLORS))
+    opt = torch.optim.LBFGS(probe.parameters(), lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(probe(x), y) + 1e-4 * probe.weight.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return probe
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=400, help="CLIP steps (0: probe the untrained ViT)")
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--train-scenes", type=int, default=1500)
+    ap.add_argument("--test-scenes", type=int, default=400)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    tok = shapebind_tokenizer()
+    vcfg = VisionConfig(image_size=args.image_size, patch_size=8, d_model=128, n_layers=4, n_heads=4, d_ff=512, pool="mean")
+    ttc = TextTowerConfig(vocab_size=tok.padded_vocab_size(), max_len=256, d_model=128, n_layers=2, n_heads=4, d_ff=512)
+    clip = CLIP(CLIPConfig(vcfg, ttc, embed_dim=64))
+    if args.steps:  # the GPU recipe's CLIP stage, smaller: mean pooling, scene captions of 1-16 objects
+        train_clip(clip, tok, CLIPTrainConfig(steps=args.steps, batch_size=128, lr=1e-3, n_range=(1, 16),
+                                              image_size=args.image_size, log_every=100))
+    vision = clip.vision.eval()
+    rng = random.Random(0)
+    make = lambda tag, k, ns: [sb.make_scene(f"{tag}{i}", rng.choice(ns), args.image_size) for i in range(k)]  # noqa: E731
+    train_scenes = make("probe-train", args.train_scenes, (1, 2, 3, 4))
+    tests = {n: make(f"probe-test{n}-", args.test_scenes, (n,)) for n in (1, 2, 4)}
+    print(f"\ncentre-token colour probe, {len(COLORS)} colours (chance {1 / len(COLORS):.2f}); ViT {vcfg.n_layers}x{vcfg.d_model}, "
+          f"patch {vcfg.patch_size}, {args.image_size}px, CLIP steps {args.steps}")
+    empty_train = make("probe-empty-train", args.train_scenes, (1,))
+    print("block  N=1 acc   N=2 acc  other   N=4 acc  other   empty token -> the object's colour (N=1)")
+    for layer in range(vcfg.n_layers):
+        x, y, _ = centre_tokens(vision, train_scenes, layer)
+        mu, sd = x.mean(0), x.std(0) + 1e-6
+        probe = fit_probe((x - mu) / sd, y)
+        row = []
+        for n, scenes in tests.items():
+            xt, yt, owner = centre_tokens(vision, scenes, layer)
+            with torch.no_grad():
+                pred = probe((xt - mu) / sd).argmax(-1)
+            acc = (pred == yt).float().mean().item()
+            # wrong answers that name the colour of another object in the same scene
+            others = [{COLORS.index(o.color) for o in scenes[int(s)].objects} for s in owner]
+            other = sum(int(p) != int(t) and int(p) in os for p, t, os in zip(pred, yt, others)) / len(yt)
+            row.append(f"{acc:7.3f}" + ("" if n == 1 else f"  {other:5.3f}"))
+        xe, ye = background_tokens(vision, empty_train, layer)
+        me, se = xe.mean(0), xe.std(0) + 1e-6
+        empty_probe = fit_probe((xe - me) / se, ye)
+        xt, yt = background_tokens(vision, tests[1], layer)
+        with torch.no_grad():
+            empty_acc = (empty_probe((xt - me) / se).argmax(-1) == yt).float().mean().item()
+        print(f"{layer + 1:5d}  " + "   ".join(row) + f"   {empty_acc:7.3f}", flush=True)
+    print(f"({time.perf_counter() - t0:.0f}s; layer {vcfg.n_layers} is the post-normed output the VLM reads by default)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
