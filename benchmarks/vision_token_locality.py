@@ -37,39 +37,40 @@ from omnigpt.train.clip import CLIPTrainConfig, train_clip  # noqa: E402
 COLORS = list(sb.COLORS)
 
 
-def centre_tokens(vision, scenes: list[sb.Scene], layer: int, batch: int = 128):
-    """(features (K, D), colour index (K,), scene index (K,)) for the token under each object's centre."""
-    feats, labels, owner = [], [], []
+def scene_tokens(vision, scenes: list[sb.Scene], layer: int, batch: int = 128):
+    """Yields (scene index, scene, its (gh*gw, D) tokens after block `layer`, (gh, gw))."""
     for i in range(0, len(scenes), batch):
         chunk = scenes[i:i + batch]
         pixels = normalize(torch.from_numpy(np.stack([sb.render_array(s) for s in chunk])), vision.cfg)
         with torch.no_grad():
-            tokens, (gh, gw) = vision.patch_tokens(pixels, layer)
+            tokens, grid = vision.patch_tokens(pixels, layer)
         for b, s in enumerate(chunk):
-            for o in s.objects:
-                r, c = min(gh - 1, int(o.cy * gh / s.image_size)), min(gw - 1, int(o.cx * gw / s.image_size))
-                feats.append(tokens[b, r * gw + c].float())
-                labels.append(COLORS.index(o.color))
-                owner.append(i + b)
+            yield i + b, s, tokens[b].float(), grid
+
+
+def centre_tokens(vision, scenes: list[sb.Scene], layer: int):
+    """(features (K, D), colour index (K,), scene index (K,)) for the token under each object's centre."""
+    feats, labels, owner = [], [], []
+    for i, s, tokens, (gh, gw) in scene_tokens(vision, scenes, layer):
+        for o in s.objects:
+            r, c = min(gh - 1, int(o.cy * gh / s.image_size)), min(gw - 1, int(o.cx * gw / s.image_size))
+            feats.append(tokens[r * gw + c])
+            labels.append(COLORS.index(o.color))
+            owner.append(i)
     return torch.stack(feats), torch.tensor(labels), torch.tensor(owner)
 
 
-def background_tokens(vision, scenes: list[sb.Scene], layer: int, batch: int = 128):
+def background_tokens(vision, scenes: list[sb.Scene], layer: int):
     """(features (K, D), colour index (K,)) of one empty token per one-object scene, labelled with that object's
     colour: a token that holds only what is at it knows nothing about it (chance); a token that holds the scene does."""
     feats, labels = [], []
-    for i in range(0, len(scenes), batch):
-        chunk = scenes[i:i + batch]
-        pixels = normalize(torch.from_numpy(np.stack([sb.render_array(s) for s in chunk])), vision.cfg)
-        with torch.no_grad():
-            tokens, (gh, gw) = vision.patch_tokens(pixels, layer)
-        for b, s in enumerate(chunk):
-            (o,) = s.objects
-            cell = s.image_size / gh
-            # the empty patch farthest from the object
-            far = max(range(gh * gw), key=lambda k: ((k // gw + 0.5) * cell - o.cy) ** 2 + ((k % gw + 0.5) * cell - o.cx) ** 2)
-            feats.append(tokens[b, far].float())
-            labels.append(COLORS.index(o.color))
+    for _, s, tokens, (gh, gw) in scene_tokens(vision, scenes, layer):
+        (o,) = s.objects
+        cell = s.image_size / gh
+        # the empty patch farthest from the object
+        far = max(range(gh * gw), key=lambda k: ((k // gw + 0.5) * cell - o.cy) ** 2 + ((k % gw + 0.5) * cell - o.cx) ** 2)
+        feats.append(tokens[far])
+        labels.append(COLORS.index(o.color))
     return torch.stack(feats), torch.tensor(labels)
 
 
