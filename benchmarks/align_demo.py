@@ -51,7 +51,7 @@ from omnigpt.align.ppo import train_ppo
 from omnigpt.align.reward import train_reward
 from omnigpt.align.rollout import evaluate_policy, verifier_comparisons
 from omnigpt.align.sft import train_sft
-from omnigpt.config import ModelConfig
+from omnigpt.config import ModelConfig, override_fields
 from omnigpt.data.chat_tasks import write_jsonl, write_task_files
 from omnigpt.data.packing import ListSource
 from omnigpt.tokenizer.text import train_bpe
@@ -123,15 +123,6 @@ QUICK = dict(n_sft=300, n_pairs=300, n_prompts=300, n_heldout=40, n_pretrain_doc
              eval_samples=1)
 
 
-def parse_set(items: list[str]) -> dict:
-    fields = {f.name: f.type for f in dataclasses.fields(Demo)}
-    out = {}
-    for item in items:
-        k, _, v = item.partition("=")
-        if k not in fields:
-            sys.exit(f"--set: unknown field {k!r}; fields: {', '.join(fields)}")
-        out[k] = type(getattr(Demo, k))(v)
-    return out
 
 
 def main() -> None:
@@ -144,7 +135,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    d = Demo(**{**(QUICK if args.quick else {}), **parse_set(args.set)})
+    try:
+        d = override_fields(Demo(**(QUICK if args.quick else {})), args.set)
+    except ValueError as e:
+        sys.exit(f"--set {e}")
     out, dev = Path(args.out), args.device
     if out.exists() and any(out.iterdir()):
         sys.exit(f"{out} is not empty: choose a new --out")

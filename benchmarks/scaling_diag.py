@@ -35,15 +35,14 @@ def cmd_train(args) -> None:
     import torch
 
     import omnigpt.train.trainer as trainer
+    from omnigpt.config import override_fields
     from omnigpt.scaling.ladder import LadderSpec, append_run, corpus_vocab, plan_run, read_runs, run_one
 
     torch.set_num_threads(args.threads)
-    spec = LadderSpec(downstream="", mc_items=0)
-    for kv in args.set:  # another family: LadderSpec fields, e.g. depth=4 seq_len=64
-        k, _, v = kv.partition("=")
-        if not hasattr(spec, k):
-            raise SystemExit(f"--set: LadderSpec has no field {k!r}")
-        setattr(spec, k, json.loads(v))
+    try:  # another family: LadderSpec fields, e.g. depth=4 seq_len=64
+        spec = override_fields(LadderSpec(downstream="", mc_items=0), args.set)
+    except ValueError as e:
+        raise SystemExit(f"--set {e}") from None
     if args.embed_lr_const:  # muP (Tensor Programs V, table 3): input weights keep one lr at every width
         build = trainer.build_optimizer
 

@@ -171,3 +171,33 @@ def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     return PRESETS[name](**overrides)
+
+
+def override_fields(config, pairs: list[str]):
+    """A copy of the dataclass `config` with FIELD=VALUE pairs applied (the `--set` of recipes, ladders, demos).
+
+    VALUE is JSON (numbers, true, null, lists, objects) or, when it does not parse, a plain string. A list for a
+    tuple field becomes a tuple. An unknown field, or a value of the wrong kind for the field's current value
+    (a string for a number, a number for a flag), raises ValueError naming it; null is accepted anywhere."""
+    names = [f.name for f in dataclasses.fields(config)]
+    changes = {}
+    for item in pairs:
+        key, eq, raw = item.partition("=")
+        if not eq or key not in names:
+            raise ValueError(f"{item!r}: expected FIELD=VALUE with FIELD one of {', '.join(names)}")
+        old = getattr(config, key)
+        try:
+            value = raw if isinstance(old, str) else json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if isinstance(old, tuple) and isinstance(value, list):
+            value = tuple(value)
+        number = (int, float)
+        ok = (value is None or old is None
+              or (isinstance(old, bool) and isinstance(value, bool))
+              or (isinstance(old, number) and not isinstance(old, bool) and isinstance(value, number) and not isinstance(value, bool))
+              or (not isinstance(old, (bool, *number)) and isinstance(value, type(old))))
+        if not ok:
+            raise ValueError(f"{key}={raw!r}: expected {type(old).__name__} (current value {old!r})")
+        changes[key] = value
+    return dataclasses.replace(config, **changes)

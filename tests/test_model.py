@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from omnigpt.config import ModelConfig, RopeScaling, preset, tiny, tiny_moe
+from omnigpt.config import ModelConfig, RopeScaling, override_fields, preset, tiny, tiny_moe
 from omnigpt.infer.generate import generate
 from omnigpt.infer.sampling import SamplingParams
 from omnigpt.model.moe import MoE, expert_mlp_grouped, expert_mlp_loop
@@ -211,6 +211,20 @@ def test_bf16_cast_keeps_rope_in_float32():
 def test_bad_config_names_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
         tiny(**bad)
+
+
+def test_field_overrides_parse_json_and_name_bad_input():
+    from omnigpt.train.vlm import Recipe
+
+    base = Recipe()
+    r = override_fields(base, ["budget_joint_s=null", "n_train=[1,4]", "mrope=true", "lr=2e-3", 'vision={"d_model": 8}'])
+    assert (r.budget_joint_s, r.n_train, r.mrope, r.lr, r.vision) == (None, (1, 4), True, 2e-3, {"d_model": 8})
+    assert base.budget_joint_s == 155.0 and base.n_train == (1, 16)  # the original is left as it was
+    assert override_fields(RopeScaling(), ["kind=llama3", "factor=8"]) == RopeScaling("llama3", 8)  # strings need no quotes
+    for bad, named in (("depth=4", "depth"), ("lr", "'lr'"), ("lr=fast", "lr='fast'"), ("mrope=1", "mrope='1'"),
+                       ("n_train=3", "n_train='3'")):
+        with pytest.raises(ValueError, match=named):
+            override_fields(base, [bad])
 
 
 def test_unknown_preset_and_gpt4_shape():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from omnigpt.data.packing import IGNORE, ListSource, PackedLoader, ShardSource, eval_batches
+from omnigpt.data.packing import IGNORE, ListSource, MixtureStream, PackedLoader, ShardSource, eval_batches
 from omnigpt.data.shards import ShardReader
 from omnigpt.train.synthetic import markov_docs, write_synthetic_corpus
 
@@ -134,13 +134,13 @@ def test_long_documents_are_cut_into_pieces_drawn_apart():
         return best
     assert longest_run(seen["whole"]) >= 15 and longest_run(seen["cut"]) <= 4  # a 48-token piece spans <= 3 batches of 32
     # Each pass over the pieces covers every token of every document once: count a whole epoch of the stream.
-    mix = cut.stream.__class__([ListSource("s", docs)], None, 0, 48)
+    mix = MixtureStream([ListSource("s", docs)], None, 0, piece_len=48)
     drawn = []
     while sum(n for *_, n, _ in drawn) < total:
         drawn.append(mix.next())
     covered = sorted((d, off + j) for _, d, n, off in drawn for j in range(n))
     assert covered == sorted((k, j) for k, d in enumerate(docs) for j in range(len(d)))
-    # Resume with pieces; a state saved without them is refused.
+    # Resume with pieces; a loader that cuts documents otherwise refuses the state.
     ref = PackedLoader([ListSource("s", docs)], 16, 2, seed=0, piece_len=48)
     expected = [next(ref) for _ in range(40)]
     again = PackedLoader([ListSource("s", docs)], 16, 2, seed=0, piece_len=48)

@@ -107,8 +107,8 @@ class Batch:
         return int((self.targets != IGNORE).sum())
 
 
-def row_arrays(pieces: list[tuple], T: int):
-    """Assemble one row from (tokens, document number[, cut]) pieces covering at most T+1 stream tokens.
+def row_arrays(pieces: list[tuple[np.ndarray, int, bool]], T: int):
+    """Assemble one row from (tokens, document number, cut) pieces covering at most T+1 stream tokens.
 
     Returns (inputs, targets, doc_ids, pos), each (T,) int64. Document numbers only need to differ between
     documents; -1 marks padding. `cut`: the piece's last token here ends a piece, not its document, so nothing is
@@ -116,11 +116,11 @@ def row_arrays(pieces: list[tuple], T: int):
     tok = np.zeros(T + 1, dtype=np.int64)
     doc = np.full(T + 1, -1, dtype=np.int64)
     n, cut_inputs = 0, []
-    for toks, d, *cut in pieces:
+    for toks, d, cut in pieces:
         tok[n:n + len(toks)] = toks
         doc[n:n + len(toks)] = d
         n += len(toks)
-        if cut and cut[0] and n - 1 < T:
+        if cut and n - 1 < T:
             cut_inputs.append(n - 1)
     inputs, targets = tok[:-1], tok[1:].copy()
     doc_ids = doc[1:].copy()  # an input belongs to its target's document

@@ -236,15 +236,10 @@ class Recipe:
     feature_layer: int = -1  # ViT block the connector reads (-2: the penultimate, as LLaVA; see vision_token_locality.py)
 
     def override(self, pairs: list[str]) -> Recipe:
-        """FIELD=VALUE pairs, VALUE in JSON (numbers, null, lists, objects)."""
-        out = copy.deepcopy(self)
-        for kv in pairs:
-            k, _, v = kv.partition("=")
-            if not hasattr(out, k):
-                raise ValueError(f"unknown recipe field {k!r}")
-            value = json.loads(v)
-            setattr(out, k, tuple(value) if isinstance(getattr(out, k), tuple) else value)
-        return out
+        """FIELD=VALUE pairs, VALUE in JSON (numbers, null, lists, objects): omnigpt.config.override_fields."""
+        from omnigpt.config import override_fields
+
+        return override_fields(copy.deepcopy(self), pairs)
 
 
 def quick_recipe() -> Recipe:
