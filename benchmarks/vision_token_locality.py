@@ -74,8 +74,22 @@ def background_tokens(vision, scenes: list[sb.Scene], layer: int):
     return torch.stack(feats), torch.tensor(labels)
 
 
-def fit_probe(x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> torch.nn.Linear:
-    probe = torch.nn.Linear(x.shape[1], len(COLORS))
+def pooled_cells(vision, scenes: list[sb.Scene], layer: int):
+    """(mean of the scene's tokens (S, D), label (S, 4)): per cell of the 2 x 2 grid (N <= 4) the colour of the
+    object in it, or len(COLORS) if empty. Reading these from the pooled vector needs each object's colour *bound*
+    to its place, which is what "where is the red star?" asks of an LM that has not learnt to attend to it."""
+    feats, labels = [], []
+    for _, s, tokens, _ in scene_tokens(vision, scenes, layer):
+        cells = [len(COLORS)] * 4
+        for o in s.objects:
+            cells[o.row * s.grid + o.col] = COLORS.index(o.color)
+        feats.append(tokens.mean(0))
+        labels.append(cells)
+    return torch.stack(feats), torch.tensor(labels)
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, steps: int = 300, classes: int = len(COLORS)) -> torch.nn.Linear:
+    probe = torch.nn.Linear(x.shape[1], classes)
     opt = torch.optim.LBFGS(probe.parameters(), lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
@@ -95,6 +109,8 @@ def main() -> int:
     ap.add_argument("--train-scenes", type=int, default=1500)
     ap.add_argument("--test-scenes", type=int, default=400)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--captions", default="plain", choices=("plain", "located"), help="CLIP captions (CLIPTrainConfig.captions)")
+    ap.add_argument("--hard-negatives", type=float, default=0.0, help="CLIPTrainConfig.hard_negatives")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -105,7 +121,8 @@ def main() -> int:
     clip = CLIP(CLIPConfig(vcfg, ttc, embed_dim=64))
     if args.steps:  # the GPU recipe's CLIP stage, smaller: mean pooling, scene captions of 1-16 objects
         train_clip(clip, tok, CLIPTrainConfig(steps=args.steps, batch_size=128, lr=1e-3, n_range=(1, 16),
-                                              image_size=args.image_size, log_every=100))
+                                              image_size=args.image_size, log_every=100,
+                                              captions=args.captions, hard_negatives=args.hard_negatives))
     vision = clip.vision.eval()
     rng = random.Random(0)
     make = lambda tag, k, ns: [sb.make_scene(f"{tag}{i}", rng.choice(ns), args.image_size) for i in range(k)]  # noqa: E731
@@ -114,7 +131,8 @@ def main() -> int:
     print(f"\ncentre-token colour probe, {len(COLORS)} colours (chance {1 / len(COLORS):.2f}); ViT {vcfg.n_layers}x{vcfg.d_model}, "
           f"patch {vcfg.patch_size}, {args.image_size}px, CLIP steps {args.steps}")
     empty_train = make("probe-empty-train", args.train_scenes, (1,))
-    print("block  N=1 acc   N=2 acc  other   N=4 acc  other   empty token -> the object's colour (N=1)")
+    print("block  N=1 acc   N=2 acc  other   N=4 acc  other   empty token -> the object's colour (N=1)   "
+          "pooled -> colour in each occupied cell, N=2 / N=4")
     for layer in range(vcfg.n_layers):
         x, y, _ = centre_tokens(vision, train_scenes, layer)
         mu, sd = x.mean(0), x.std(0) + 1e-6
@@ -135,7 +153,18 @@ def main() -> int:
         xt, yt = background_tokens(vision, tests[1], layer)
         with torch.no_grad():
             empty_acc = (empty_probe((xt - me) / se).argmax(-1) == yt).float().mean().item()
-        print(f"{layer + 1:5d}  " + "   ".join(row) + f"   {empty_acc:7.3f}", flush=True)
+        xp, yp = pooled_cells(vision, train_scenes, layer)
+        mp, sp = xp.mean(0), xp.std(0) + 1e-6
+        cell_probes = [fit_probe((xp - mp) / sp, yp[:, k], classes=len(COLORS) + 1) for k in range(4)]
+        bound = []
+        for n in (2, 4):
+            xt, yt = pooled_cells(vision, tests[n], layer)
+            with torch.no_grad():
+                pred = torch.stack([p((xt - mp) / sp).argmax(-1) for p in cell_probes], 1)
+            occupied = yt != len(COLORS)
+            bound.append((pred == yt)[occupied].float().mean().item())
+        print(f"{layer + 1:5d}  " + "   ".join(row) + f"   {empty_acc:7.3f}" + " " * 34 + " / ".join(f"{b:.3f}" for b in bound),
+              flush=True)
     print(f"({time.perf_counter() - t0:.0f}s; layer {vcfg.n_layers} is the post-normed output the VLM reads by default)")
     return 0
 

@@ -5,6 +5,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from omnigpt.data import scenes as sb
 from omnigpt.data.image_captions import emoji_available, emoji_pairs, openclipart_pairs, render_emoji
@@ -89,6 +90,40 @@ def test_caption_grammar():
     assert sb.list_answer(two) == "a large red circle, a small blue star, a small blue star"
     three = sb.make_scene(3, 12, 128)
     assert " and " in sb.caption(three) and sb.caption(three) == sb.caption(sb.make_scene(3, 12, 128))
+    assert sb.located_caption(two) == ("a large red circle in row 1, column 1, a small blue star in row 1, column 2, "
+                                       "a small blue star in row 2, column 2")
+    # every object of a crowded scene is named with the cell its "where" answer gives
+    located = sb.located_caption(three)
+    assert all(f"{sb.describe(o)} in {qa.answer}" in located for o in three.objects
+               for qa in sb.where_questions(sb.Scene(0, 128, three.grid, (o,))))
+
+
+def test_questions_name_their_objects_and_grounding_labels_mark_them(tok):
+    scene, side = sb.make_scene(7, 4, 128), 128 / 8
+    qas = sb.questions(scene, 0, ("color", "shape", "where", "position"))
+    assert {qa.type for qa in qas} == {"color", "shape", "where", "position"}
+    for qa in qas:
+        named = [scene.objects[i] for i in qa.refs]
+        o = named[0]
+        assert len(named) == (2 if qa.type == "position" else 1)
+        assert qa.answer == {"color": o.color, "shape": o.shape, "where": f"row {o.row + 1}, column {o.col + 1}"}.get(
+            qa.type, qa.answer)
+        if qa.type == "position":
+            assert sb.relation_holds(o, qa.detail + (" of" if qa.detail in ("left", "right") else ""), named[1])
+        labels = sb.token_labels(scene, qa.refs, 8)
+        for k, x in enumerate(named):  # each named object's centre token carries its rank; nothing else is marked
+            assert labels[int(x.cy // side) * 8 + int(x.cx // side)] == k + 1
+        assert set(labels) == {0, *range(1, len(named) + 1)} and labels.count(0) >= 64 - 9 * len(named)
+    # in a batch: labels sit at the image's tokens of grounded question samples, nowhere else
+    rng, mix = random.Random(0), Mix(qa=1.0, caption=1.0, ground=True)
+    samples = [random_sample(rng, tok, 64, mix, n_range=(2, 4), image_size=128) for _ in range(12)]
+    batch = collate(samples, tok.pad_id, 128)
+    for b, s in enumerate(samples):
+        marked = batch.ground[b] != -100
+        if s.kind in ("qa:color", "qa:shape", "qa:where", "qa:position"):
+            assert torch.equal(marked, batch.inputs[b] == tok.image_id) and batch.ground[b][marked].max() >= 1
+        else:
+            assert not marked.any()
 
 
 def test_interleaved_document_and_sample(tok):

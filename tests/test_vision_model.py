@@ -92,6 +92,47 @@ def test_clip_objective_and_duplicates():
     assert torch.allclose(clip.encode_text(ids, lengths)[0], clip.encode_text(ids2, lengths)[0])
 
 
+def test_clip_caption_styles(tok):
+    from omnigpt.train.clip import CaptionStream, CLIPTrainConfig, train_clip
+
+    tc = CLIPTrainConfig(batch_size=6, n_range=(2, 4), image_size=64, captions="located")
+    images, ids, lengths, _ = next(iter(CaptionStream(tok, tc)))
+    texts = [tok.decode(ids[b, : lengths[b] - 1].tolist()) for b in range(6)]
+    assert all(t.count(" in row ") >= 2 and ", column " in t for t in texts)  # every object placed
+    with pytest.raises(ValueError, match="captions='where'"):
+        train_clip(None, tok, dataclasses.replace(tc, captions="where"))
+
+
+def test_grounding_head_reads_its_layer_and_leaves_the_answer_alone(tok):
+    from omnigpt.data.vision_samples import ground_targets
+
+    vlm = make_vlm(tok, "inline", pixel_shuffle=2, ground_layer=0)
+    L, g = vlm.cfg.image_tokens, vlm.cfg.token_grid[0]
+    samples, ground = [], []
+    for i in range(3):
+        scene = sb.make_scene(f"g{i}", 2, VC.image_size)
+        qa = sb.questions(scene, 0, ("where",))[0]
+        samples.append(scene_qa_sample(tok, L, scene, qa))
+        ground.append(ground_targets(tok, samples[-1].ids, sb.token_labels(scene, qa.refs, g)))
+    batch = collate(samples, tok.pad_id, VC.image_size)
+    ground_BT = torch.full_like(batch.inputs, -100)
+    for b, labels in enumerate(ground):
+        ground_BT[b, : len(labels) - 1] = torch.tensor(labels[:-1])
+    pixels = normalize(batch.images, VC)
+    out = vlm(batch.inputs, None, pixels, ground_BT=ground_BT)
+    assert torch.isfinite(out.ground_loss) and torch.equal(out.logits, vlm(batch.inputs, None, pixels).logits)
+    out.ground_loss.backward()
+    grads = lambda m: sum(float(p.grad.abs().sum()) for p in m.parameters() if p.grad is not None)  # noqa: E731
+    assert grads(vlm.ground_head) > 0 and grads(vlm.lm.layers[0]) > 0 and grads(vlm.connector) > 0
+    assert grads(vlm.lm.layers[1]) == 0  # the head reads layer 0's output: later layers are not its business
+    with pytest.raises(ValueError, match="no grounding head"):
+        make_vlm(tok, "inline", pixel_shuffle=2)(batch.inputs, None, pixels, ground_BT=ground_BT)
+    with pytest.raises(ValueError, match="ground_layer"):
+        make_vlm(tok, "cross", ground_layer=0)
+    with pytest.raises(ValueError, match="ground_layer=5"):
+        make_vlm(tok, "inline", ground_layer=5)
+
+
 def test_pixel_shuffle_and_grid_sizes():
     x = torch.arange(16).float().view(1, 16, 1)  # a 4x4 grid, value = row*4 + col
     y = pixel_shuffle(x, (4, 4), 2)

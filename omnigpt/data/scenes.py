@@ -95,6 +95,29 @@ def make_scene(seed: int | str, n: int, image_size: int = 128) -> Scene:
     return Scene(seed, image_size, g, tuple(objs))
 
 
+def rebind(scene: Scene, seed: int | str) -> Scene | None:
+    """The same objects on the same cells, but dealt to the cells in another order (each object re-jittered in its
+    new cell): a hard negative that differs from `scene` only in which object is where. None when no reordering
+    changes what is where (one object, or all alike)."""
+    kinds = [(o.shape, o.color, o.size) for o in scene.objects]
+    if len(set(kinds)) < 2:
+        return None
+    rng = random.Random(f"rebind:{scene.seed}:{len(kinds)}:{seed}")
+    cells = [(o.row, o.col) for o in scene.objects]
+    order = list(range(len(kinds)))
+    while [kinds[i] for i in order] == kinds:
+        rng.shuffle(order)
+    cell = scene.image_size / scene.grid
+    objs = []
+    for (row, col), i in zip(cells, order):
+        o = scene.objects[i]
+        slack = max(0.0, (cell - o.d) / 2 - 1)
+        cx = (col + 0.5) * cell + rng.uniform(-slack, slack)
+        cy = (row + 0.5) * cell + rng.uniform(-slack, slack)
+        objs.append(Obj(o.shape, o.color, o.size, row, col, round(cx, 2), round(cy, 2), o.d))
+    return Scene(f"{scene.seed}~{seed}", scene.image_size, scene.grid, tuple(objs))
+
+
 def bbox(o: Obj) -> tuple[float, float, float, float]:
     r = o.d / 2
     return (o.cx - r, o.cy - r, o.cx + r, o.cy + r)
@@ -193,6 +216,13 @@ def caption(scene: Scene) -> str:
     return ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
+def located_caption(scene: Scene) -> str:
+    """Every object with its grid cell, in reading order: "a small red circle in row 1, column 2, a large blue star
+    in row 2, column 1". Plain captions name where things are only through their order and the odd "left of";
+    a CLIP tower trained on these must bind each object to its place in the pooled embedding."""
+    return ", ".join(f"{describe(o)} in row {o.row + 1}, column {o.col + 1}" for o in scene.objects)
+
+
 def list_answer(scene: Scene) -> str:
     return ", ".join(describe(o) for o in scene.objects)
 
@@ -204,6 +234,7 @@ class QA:
     question: str
     answer: str
     detail: str = ""  # e.g. the relation of a position question
+    refs: tuple[int, ...] = ()  # indices in scene.objects of the objects the question names, in order
 
 
 def matches(o: Obj, attrs: dict) -> bool:
@@ -227,17 +258,17 @@ OBJECT_REFS = [("shape",), ("color", "shape"), ("size", "color", "shape")]
 
 def color_questions(scene: Scene) -> list[QA]:
     out = []
-    for o in scene.objects:
+    for i, o in enumerate(scene.objects):
         if ref := referent(scene, o, COLOR_REFS):
-            out.append(QA("color", f"what color is the {ref}?", o.color))
+            out.append(QA("color", f"what color is the {ref}?", o.color, refs=(i,)))
     return out
 
 
 def shape_questions(scene: Scene) -> list[QA]:
     out = []
-    for o in scene.objects:
+    for i, o in enumerate(scene.objects):
         if ref := referent(scene, o, SHAPE_REFS):
-            out.append(QA("shape", f"what shape is the {ref}?", o.shape))
+            out.append(QA("shape", f"what shape is the {ref}?", o.shape, refs=(i,)))
     return out
 
 
@@ -286,7 +317,8 @@ def position_questions(scene: Scene, rng: random.Random, max_pairs: int = 8, rea
         answer = (first if relation_holds(a, first, b) else second).removesuffix(" of")
         unit, ia, ib = ("column", a.col, b.col) if axis == "horizontally" else ("row", a.row, b.row)
         steps = f"{unit} {ia + 1} vs {unit} {ib + 1}: " if reasoning else ""
-        out.append(QA("position", f"{axis}, where is the {refs[a]} relative to the {refs[b]}?", steps + answer, answer))
+        out.append(QA("position", f"{axis}, where is the {refs[a]} relative to the {refs[b]}?", steps + answer, answer,
+                      (scene.objects.index(a), scene.objects.index(b))))
     return out
 
 
@@ -294,10 +326,28 @@ def where_questions(scene: Scene) -> list[QA]:
     """"where is the red star?" -> "row 1, column 2" (grid cell, 1-based): locating by description, the stepping
     stone to left/right/above/below."""
     out = []
-    for o in scene.objects:
+    for i, o in enumerate(scene.objects):
         if ref := referent(scene, o, OBJECT_REFS):
-            out.append(QA("where", f"where is the {ref}?", f"row {o.row + 1}, column {o.col + 1}"))
+            out.append(QA("where", f"where is the {ref}?", f"row {o.row + 1}, column {o.col + 1}", refs=(i,)))
     return out
+
+
+def token_labels(scene: Scene, refs: tuple[int, ...], grid: int) -> list[int]:
+    """Per image token on a grid x grid layout (reading order): k + 1 where the token shows the question's k-th
+    named object (it holds the object's centre, or a quarter of it is covered by the object's box), else 0. The
+    target of the grounding loss (`Recipe.ground_weight`): which image tokens a question is about."""
+    side = scene.image_size / grid
+    labels = [0] * (grid * grid)
+    for k, i in reversed(list(enumerate(refs))):  # the first named object wins a shared token
+        o = scene.objects[i]
+        x0, y0, x1, y1 = bbox(o)
+        for r in range(grid):
+            for c in range(grid):
+                w = max(0.0, min(x1, (c + 1) * side) - max(x0, c * side))
+                h = max(0.0, min(y1, (r + 1) * side) - max(y0, r * side))
+                if w * h >= 0.25 * side * side or (int(o.cy // side), int(o.cx // side)) == (r, c):
+                    labels[r * grid + c] = k + 1
+    return labels
 
 
 def list_questions(scene: Scene) -> list[QA]:

@@ -12,6 +12,7 @@ evaluation uses another seed namespace, so no evaluation scene is a training sce
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import tempfile
@@ -35,6 +36,7 @@ class Sample:
     answer: str = ""
     n: int = 0  # objects per scene
     prompt_len: int = 0  # chat samples: ids[:prompt_len] is the generation prompt
+    ground: list[int] | None = None  # aligned with ids: sb.token_labels at the image's tokens, IGNORE elsewhere
 
 
 def shapebind_tokenizer(vocab_size: int = 512, n_scenes: int = 1000):
@@ -184,6 +186,7 @@ class Mix:
     text: float = 0.0  # text without images (LM warm-up)
     qa_types: tuple[str, ...] = sb.QA_TYPES
     max_turns: int = 1  # qa: up to this many questions about the same image, one chat turn each
+    ground: bool = False  # qa: label the image tokens with the objects the first question names (Sample.ground)
 
     def kinds(self) -> tuple[list[str], list[float]]:
         names = ["qa", "caption", "multi", "doc", "pair", "real", "text"]
@@ -222,8 +225,19 @@ def random_sample(rng: random.Random, tok, image_tokens: int, mix: Mix, *, n_ran
             more = [(q.question, q.answer) for q in qas[1:]]
             s = chat_sample(tok, image_tokens, [image], qas[0].question, qas[0].answer, f"qa:{qas[0].type}", len(sc.objects), more)
             if max_len is None or len(s.ids) <= max_len or len(qas) == 1:
+                if mix.ground and qas[0].refs:
+                    s.ground = ground_targets(tok, s.ids, sb.token_labels(sc, qas[0].refs, math.isqrt(image_tokens)))
                 return s
             qas.pop()  # too long: fewer turns
+
+
+def ground_targets(tok, ids: list[int], labels: list[int]) -> list[int]:
+    """`labels` (one per image token, the sample's only image) placed at the image's positions in `ids`."""
+    out, it = [IGNORE] * len(ids), iter(labels)
+    for i, t in enumerate(ids):
+        if t == tok.image_id:
+            out[i] = next(it)
+    return out
 
 
 # ---- batches ---------------------------------------------------------------------------------------------------
@@ -233,10 +247,12 @@ class VLBatch:
     targets: torch.Tensor  # (B, T) next tokens, IGNORE where not learned
     images: torch.Tensor  # (N, H, W, 3) uint8, all rows' images in order
     kinds: list[str] = field(default_factory=list)
+    ground: torch.Tensor | None = None  # (B, T) grounding labels at image tokens (Sample.ground), IGNORE elsewhere
 
     def to(self, device) -> VLBatch:
         return VLBatch(self.inputs.to(device, non_blocking=True), self.targets.to(device, non_blocking=True),
-                       self.images.to(device, non_blocking=True), self.kinds)
+                       self.images.to(device, non_blocking=True), self.kinds,
+                       None if self.ground is None else self.ground.to(device, non_blocking=True))
 
 
 def collate(samples: list[Sample], pad_id: int, image_size: int) -> VLBatch:
@@ -247,9 +263,15 @@ def collate(samples: list[Sample], pad_id: int, image_size: int) -> VLBatch:
         ids, learn = torch.tensor(s.ids), torch.tensor(s.mask, dtype=torch.bool)
         inputs[b, : len(ids) - 1] = ids[:-1]
         targets[b, : len(ids) - 1] = ids[1:].masked_fill(~learn[1:], IGNORE)
+    ground = None
+    if any(s.ground for s in samples):
+        ground = torch.full((len(samples), T), IGNORE, dtype=torch.long)
+        for b, s in enumerate(samples):
+            if s.ground:
+                ground[b, : len(s.ids) - 1] = torch.tensor(s.ground[:-1])
     images = [im for s in samples for im in s.images]
     images_t = torch.from_numpy(np.stack(images)) if images else torch.zeros(0, image_size, image_size, 3, dtype=torch.uint8)
-    return VLBatch(inputs, targets, images_t, [s.kind for s in samples])
+    return VLBatch(inputs, targets, images_t, [s.kind for s in samples], ground)
 
 
 class SampleStream(torch.utils.data.IterableDataset):

@@ -14,6 +14,12 @@ cross (Flamingo): an image is one `<|image|>` token in the text. A Perceiver res
     initialisation the VLM computes exactly what the LM alone computes. The blocks are attached with forward
     pre-hooks on the LM's layers, so the LM's own weights, names and forward (KV cache included) are untouched.
 
+Grounding loss (inline mlp, off unless ground_layer is set): a linear head on the output of LM layer ground_layer
+classifies each image token as showing the question's first named object, its second, or neither (targets from
+scenes.token_labels). It teaches the image tokens, which come after the question, to mark the objects asked about,
+so that later layers can attend to them and read where they are; without it, answers that need *which* token
+holds an object ("where is the red star?") sit at chance once there are two objects (benchmarks/RESULTS.md).
+
 Where an image token is (inline, mlp connector: the L tokens are a gh x gw grid in reading order):
 - pos2d (default on): a fixed 2-D sin-cos (row, column) embedding added to the patch features before the connector;
 - pos_lm (off): learned row and column embeddings added to the connector's output, in the LM's width;
@@ -60,6 +66,7 @@ class VLMConfig:
     pos2d_scale: float = 1.0  # pos2d: the sin-cos embedding is multiplied by this (1: as before)
     pos_lm: bool = False  # inline mlp: add a learned (row, column) embedding in the LM's width after the connector
     mrope: bool = False  # inline mlp: image tokens get 2-D rotary positions in the LM (M-RoPE; see mrope_positions)
+    ground_layer: int | None = None  # inline mlp: grounding head on this LM layer's output (None: no head)
 
     def __post_init__(self):
         if isinstance(self.vision, dict):
@@ -78,8 +85,10 @@ class VLMConfig:
             raise ValueError(f"invalid VLMConfig: image_id={self.image_id} is outside the vocabulary of {self.text.vocab_size}")
         if self.cross_every < 1 or self.n_latents < 1:
             raise ValueError("invalid VLMConfig: cross_every and n_latents must be >= 1")
-        if (self.mrope or self.pos_lm) and self.uses_resampler:
-            raise ValueError("invalid VLMConfig: mrope and pos_lm need image tokens on a grid (inline fusion, mlp connector)")
+        if (self.mrope or self.pos_lm or self.ground_layer is not None) and self.uses_resampler:
+            raise ValueError("invalid VLMConfig: mrope, pos_lm and ground_layer need image tokens on a grid (inline fusion, mlp connector)")
+        if self.ground_layer is not None and not 0 <= self.ground_layer < self.text.n_layers:
+            raise ValueError(f"invalid VLMConfig: ground_layer={self.ground_layer} is not a layer of the {self.text.n_layers}-layer LM")
 
     @property
     def uses_resampler(self) -> bool:
@@ -327,6 +336,17 @@ class CrossHook:
         return (self.block(args[0], self.media["now"]),) + tuple(args[1:])
 
 
+class GroundHook:
+    """Forward hook on an LM layer: keeps its output while grounding targets are given (VLM.forward)."""
+
+    def __init__(self, store: dict):
+        self.store = store
+
+    def __call__(self, layer, args, out):
+        if self.store.get("on"):
+            self.store["x"] = out[0] if isinstance(out, tuple) else out  # (x, MoE aux) or x
+
+
 class VLM(nn.Module):
     def __init__(self, cfg: VLMConfig, vision: ViT | None = None, lm: Transformer | None = None):
         super().__init__()
@@ -345,6 +365,10 @@ class VLM(nn.Module):
         if cfg.pos_lm:  # learned row and column embeddings of the image tokens, in the LM's width
             gh, gw = cfg.token_grid
             self.pos_rows, self.pos_cols = nn.Parameter(torch.zeros(gh, D)), nn.Parameter(torch.zeros(gw, D))
+        self._ground: dict = {}  # the grounding layer's output during the current call
+        if cfg.ground_layer is not None:
+            self.ground_head = nn.Linear(D, 3)  # neither / first / second object the question names
+            self.lm.layers[cfg.ground_layer].register_forward_hook(GroundHook(self._ground))
         self._rotary = {"now": None}  # M-RoPE (cos, sin) the LM's layers use during the current call
         if cfg.mrope:
             for layer in self.lm.layers:
@@ -387,8 +411,21 @@ class VLM(nn.Module):
         return out
 
     def forward(self, ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
-                pixels_NCHW: torch.Tensor | None = None) -> ModelOutput:
-        """Next-token logits and, given targets, the text-only loss. Images, in order of their placeholders."""
+                pixels_NCHW: torch.Tensor | None = None, ground_BT: torch.Tensor | None = None) -> ModelOutput:
+        """Next-token logits and, given targets, the text-only loss. Images, in order of their placeholders.
+        Given ground_BT (scenes.token_labels at image tokens, IGNORE elsewhere), also the grounding loss
+        (out.ground_loss; not part of out.loss, the caller weighs it)."""
+        if ground_BT is not None:
+            if self.cfg.ground_layer is None:
+                raise ValueError("grounding targets given but the VLM has no grounding head (VLMConfig.ground_layer)")
+            self._ground.update(on=True, x=None)
+            try:
+                out = self.forward(ids_BT, targets_BT, pixels_NCHW)
+            finally:
+                self._ground["on"] = False
+            x_BTD, self._ground["x"] = self._ground["x"], None
+            logits = self.ground_head(x_BTD).float()
+            return dataclasses.replace(out, ground_loss=F.cross_entropy(logits.flatten(0, 1), ground_BT.flatten(), ignore_index=IGNORE))
         feats = self.encode_images(pixels_NCHW) if pixels_NCHW is not None and len(pixels_NCHW) else None
         targets_BT = text_only_targets(targets_BT, self.cfg.image_id)
         if self.cfg.fusion == "inline":
@@ -410,7 +447,8 @@ class VLM(nn.Module):
     # -- training helpers ------------------------------------------------------------------------------------
     def parts(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by part, for staged training: vision, connector (resampler, cross-attention blocks too), lm."""
-        pos = [self.pos_rows, self.pos_cols] if self.cfg.pos_lm else []
+        pos = ([self.pos_rows, self.pos_cols] if self.cfg.pos_lm else []) + (
+            list(self.ground_head.parameters()) if self.cfg.ground_layer is not None else [])
         return {"vision": list(self.vision.parameters()),
                 "connector": list(self.connector.parameters()) + list(self.xattn.parameters()) + pos,
                 "lm": list(self.lm.parameters())}

@@ -186,6 +186,7 @@ class ModelOutput:
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     expert_load: torch.Tensor | None = None  # (MoE layers, E): fraction of routed pairs per expert
+    ground_loss: torch.Tensor | None = None  # VLM with a grounding head, given grounding targets (multimodal.VLM)
 
 
 class Transformer(nn.Module):

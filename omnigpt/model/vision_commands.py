@@ -119,7 +119,8 @@ def cmd_train_clip(args) -> None:
     model = CLIP(CLIPConfig(vcfg, ttc, embed_dim=128)).to(device)
     pool = ScenePool(r.pool_scenes, r.n_train, r.image_size, "pool", workers=r.workers)
     tc = CLIPTrainConfig(steps=r.steps_clip, budget_s=r.budget_clip_s, batch_size=r.clip_batch_size, lr=r.lr,
-                         n_range=r.n_train, image_size=r.image_size, workers=r.workers, real_frac=args.real_frac)
+                         n_range=r.n_train, image_size=r.image_size, workers=r.workers, real_frac=args.real_frac,
+                         captions=r.clip_captions, hard_negatives=r.clip_hard_negatives)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     res = train_clip(model, tok, tc, real_pairs=real, log=log, metrics_path=str(Path(args.out) / "metrics.jsonl"), pool=pool)
     save_clip(model, args.out, tok)

@@ -33,6 +33,8 @@ class CLIPTrainConfig:
     n_range: tuple[int, int] = (1, 16)
     image_size: int = 128
     real_frac: float = 0.0  # share of emoji / clip-art pairs (when installed)
+    captions: str = "plain"  # scenes: "plain" (scenes.caption) or "located" (scenes.located_caption: every object's cell)
+    hard_negatives: float = 0.0  # share of scenes followed in the batch by their scenes.rebind twin (what is where differs)
     workers: int = 0
     seed: int = 0
     log_every: int = 50
@@ -61,7 +63,7 @@ class CaptionStream(torch.utils.data.IterableDataset):
         rng = random.Random(f"{self.seed_ns}:{self.tc.seed}:{worker}")
         tc = self.tc
         while True:
-            images, captions = [], []
+            images, captions, twin = [], [], None
             for _ in range(tc.batch_size):
                 if self.real_pairs and rng.random() < tc.real_frac:
                     from omnigpt.data.image_captions import load_pair_image
@@ -70,9 +72,14 @@ class CaptionStream(torch.utils.data.IterableDataset):
                     images.append(np.asarray(load_pair_image(pair, tc.image_size)))
                     captions.append(pair.caption)
                 else:
-                    scene, image = draw_scene(rng, tc.n_range, tc.image_size, f"{self.seed_ns}{worker}", self.pool)
+                    if twin is not None:  # the previous scene's objects dealt to its cells in another order
+                        scene, image, twin = twin, sb.render_array(twin), None
+                    else:
+                        scene, image = draw_scene(rng, tc.n_range, tc.image_size, f"{self.seed_ns}{worker}", self.pool)
+                        if rng.random() < tc.hard_negatives:
+                            twin = sb.rebind(scene, rng.randrange(1 << 30))
                     images.append(image)
-                    captions.append(sb.caption(scene))
+                    captions.append(sb.located_caption(scene) if tc.captions == "located" else sb.caption(scene))
             yield caption_batch(self.tok, images, captions)
 
 
@@ -96,6 +103,8 @@ def retrieval_accuracy(model: CLIP, batch) -> float:
 
 def train_clip(model: CLIP, tok, tc: CLIPTrainConfig, real_pairs=None, log=print, metrics_path: str | None = None,
                pool=None) -> dict:
+    if tc.captions not in ("plain", "located"):
+        raise ValueError(f"CLIPTrainConfig.captions={tc.captions!r}: expected 'plain' or 'located'")
     device = model_device(model)
     model.train()
     opt = build_optimizer(model, "adamw", lr=tc.lr, weight_decay=tc.weight_decay)

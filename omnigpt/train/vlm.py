@@ -26,7 +26,7 @@ import math
 import os
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -48,6 +48,7 @@ class Stage:
     warmup: int = 20
     budget_s: float | None = None  # train for this many seconds instead of exactly `steps`
     vision_lr_scale: float = 1.0  # the vision tower's learning rate is lr * this (pre-trained features drift less)
+    ground_weight: float = 0.0  # loss += this * the grounding loss (needs mix.ground and a VLM with a grounding head)
 
 
 @dataclass
@@ -121,13 +122,14 @@ def sample_mean_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torc
     return (loss_BT.sum(1)[n_B > 0] / n_B[n_B > 0]).mean()
 
 
-def forward_loss(model, batch, vision_cfg):
+def forward_loss(model, batch, vision_cfg, ground_weight: float = 0.0):
     if isinstance(model, VLM):
         pixels = normalize(batch.images, vision_cfg) if len(batch.images) else None
-        logits = model(batch.inputs, None, pixels).logits
-    else:
-        logits = model(batch.inputs).logits
-    return sample_mean_loss(logits, batch.targets)
+        ground = batch.ground if ground_weight > 0 else None
+        out = model(batch.inputs, None, pixels, ground_BT=ground)
+        loss = sample_mean_loss(out.logits, batch.targets)
+        return loss if ground is None else loss + ground_weight * out.ground_loss
+    return sample_mean_loss(model(batch.inputs).logits, batch.targets)
 
 
 def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, image_tokens: int = 1, vision_cfg=None,
@@ -155,7 +157,7 @@ def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, 
         set_lr(opt, lr_at(step, clock.progress(step), warmup))
         batch = next(it).to(device)
         with autocast:
-            loss = forward_loss(model, batch, vision_cfg)
+            loss = forward_loss(model, batch, vision_cfg, stage.ground_weight)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         if math.isfinite(float(gnorm)):  # a bf16 overflow skips one step instead of poisoning the weights
@@ -234,6 +236,10 @@ class Recipe:
     pos_lm: bool = False  # inline: a learned (row, column) embedding added after the connector (VLMConfig.pos_lm)
     pos2d_scale: float = 1.0  # the 2-D sin-cos embedding added before the connector, times this
     feature_layer: int = -1  # ViT block the connector reads (-2: the penultimate, as LLaVA; see vision_token_locality.py)
+    clip_captions: str = "plain"  # CLIP stage: "plain" scene captions, or "located" (every object with its grid cell)
+    clip_hard_negatives: float = 0.0  # CLIP stage: share of scenes paired in the batch with their rebind twin
+    ground_weight: float = 0.5  # inline joint stage: + this x the grounding loss (VLMConfig.ground_layer; 0: off)
+    ground_layer: int = 2  # the LM layer whose output the grounding head reads
 
     def override(self, pairs: list[str]) -> Recipe:
         """FIELD=VALUE pairs, VALUE in JSON (numbers, null, lists, objects): omnigpt.config.override_fields."""
@@ -248,7 +254,7 @@ def quick_recipe() -> Recipe:
                   text=dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, max_seq_len=256),
                   pixel_shuffle=2, n_latents=16, batch_size=32, clip_batch_size=64, lr=2e-3,
                   steps_clip=300, steps_lm=0, steps_align=60, steps_joint=600,
-                  budget_clip_s=None, budget_align_s=None, budget_joint_s=None, workers=0, pool_scenes=3000)
+                  budget_clip_s=None, budget_align_s=None, budget_joint_s=None, workers=0, pool_scenes=3000, ground_layer=0)
 
 
 def build_vlm(recipe: Recipe, mode: str, tok, vision, lm) -> VLM:
@@ -257,16 +263,18 @@ def build_vlm(recipe: Recipe, mode: str, tok, vision, lm) -> VLM:
     cfg = VLMConfig(vision=vision.cfg, text=lm.cfg, image_id=tok.image_id, fusion=mode, connector="mlp",
                     pixel_shuffle=recipe.pixel_shuffle if inline else 1, n_latents=recipe.n_latents,
                     cross_every=recipe.cross_every, pos2d_scale=recipe.pos2d_scale, feature_layer=recipe.feature_layer,
-                    mrope=recipe.mrope and inline, pos_lm=recipe.pos_lm and inline)
+                    mrope=recipe.mrope and inline, pos_lm=recipe.pos_lm and inline,
+                    ground_layer=recipe.ground_layer if recipe.ground_weight > 0 and inline else None)
     return VLM(cfg, vision=copy.deepcopy(vision), lm=copy.deepcopy(lm))
 
 
 def vlm_stages(recipe: Recipe, mode: str = "inline") -> list[Stage]:
     joint_parts = ("connector", "lm", "vision") if recipe.train_vision else ("connector", "lm")
     lr = recipe.lr * (recipe.cross_lr_scale if mode == "cross" else 1.0)
+    ground = recipe.ground_weight if mode == "inline" else 0.0
     return [Stage("align", recipe.steps_align, lr, ("connector",), ALIGN_MIX, budget_s=recipe.budget_align_s),
-            Stage("joint", recipe.steps_joint, lr, joint_parts, JOINT_MIX, budget_s=recipe.budget_joint_s,
-                  vision_lr_scale=recipe.vision_lr_scale)]
+            Stage("joint", recipe.steps_joint, lr, joint_parts, replace(JOINT_MIX, ground=ground > 0), budget_s=recipe.budget_joint_s,
+                  vision_lr_scale=recipe.vision_lr_scale, ground_weight=ground)]
 
 
 def run_recipe(recipe: Recipe, modes: list[str], out_dir: str | os.PathLike, device: torch.device, log=print,
@@ -299,7 +307,7 @@ def run_recipe(recipe: Recipe, modes: list[str], out_dir: str | os.PathLike, dev
         clip = CLIP(CLIPConfig(vcfg, ttc, embed_dim=128)).to(device)
         clip_tc = CLIPTrainConfig(steps=recipe.steps_clip, budget_s=recipe.budget_clip_s, batch_size=recipe.clip_batch_size,
                                   lr=recipe.lr, n_range=recipe.n_train, image_size=recipe.image_size, workers=recipe.workers,
-                                  log_every=100)
+                                  captions=recipe.clip_captions, hard_negatives=recipe.clip_hard_negatives, log_every=100)
         clip_res = train_clip(clip, tok, clip_tc, log=log, pool=pool, metrics_path=str(out / "clip_metrics.jsonl"))
         vision = clip.vision
     vision = vision.to(device)
