@@ -92,6 +92,11 @@ def test_caption_grammar():
     assert " and " in sb.caption(three) and sb.caption(three) == sb.caption(sb.make_scene(3, 12, 128))
     assert sb.located_caption(two) == ("a large red circle in row 1, column 1, a small blue star in row 1, column 2, "
                                        "a small blue star in row 2, column 2")
+    # a hard negative: the same objects on the same cells, dealt in another order
+    twin = sb.rebind(three, 1)
+    assert sorted((o.row, o.col) for o in twin.objects) == sorted((o.row, o.col) for o in three.objects)
+    assert sorted(map(sb.describe, twin.objects)) == sorted(map(sb.describe, three.objects))
+    assert sb.located_caption(twin) != sb.located_caption(three) and sb.rebind(one, 1) is None
     # every object of a crowded scene is named with the cell its "where" answer gives
     located = sb.located_caption(three)
     assert all(f"{sb.describe(o)} in {qa.answer}" in located for o in three.objects
