@@ -39,6 +39,10 @@ class CLIPTrainConfig:
     seed: int = 0
     log_every: int = 50
 
+    def __post_init__(self):
+        if self.captions not in ("plain", "located"):
+            raise ValueError(f"CLIPTrainConfig.captions={self.captions!r}: expected 'plain' or 'located'")
+
 
 def caption_batch(tok, images: list[np.ndarray], captions: list[str]):
     """(images uint8 (B, H, W, 3), ids (B, T), lengths (B,), same (B, B) bool)."""
@@ -103,8 +107,6 @@ def retrieval_accuracy(model: CLIP, batch) -> float:
 
 def train_clip(model: CLIP, tok, tc: CLIPTrainConfig, real_pairs=None, log=print, metrics_path: str | None = None,
                pool=None) -> dict:
-    if tc.captions not in ("plain", "located"):
-        raise ValueError(f"CLIPTrainConfig.captions={tc.captions!r}: expected 'plain' or 'located'")
     device = model_device(model)
     model.train()
     opt = build_optimizer(model, "adamw", lr=tc.lr, weight_decay=tc.weight_decay)
