@@ -119,16 +119,24 @@ def test_questions_name_their_objects_and_grounding_labels_mark_them(tok):
         for k, x in enumerate(named):  # each named object's centre token carries its rank; nothing else is marked
             assert labels[int(x.cy // side) * 8 + int(x.cx // side)] == k + 1
         assert set(labels) == {0, *range(1, len(named) + 1)} and labels.count(0) >= 64 - 9 * len(named)
-    # in a batch: labels sit at the image's tokens of grounded question samples, nowhere else
-    rng, mix = random.Random(0), Mix(qa=1.0, caption=1.0, ground=True)
-    samples = [random_sample(rng, tok, 64, mix, n_range=(2, 4), image_size=128) for _ in range(12)]
+    # in a batch: grounded question samples carry their cells and the positions of their first answer, others nothing
+    rng, mix = random.Random(0), Mix(qa=1.0, caption=1.0, ground=True, max_turns=2)
+    samples = [random_sample(rng, tok, 64, mix, n_range=(2, 4), image_size=128, ground_grid=8) for _ in range(16)]
     batch = collate(samples, tok.pad_id, 128)
+    grounded = [s.kind in ("qa:color", "qa:shape", "qa:where", "qa:position") for s in samples]
+    assert any(grounded) and not all(grounded)
     for b, s in enumerate(samples):
-        marked = batch.ground[b] != -100
-        if s.kind in ("qa:color", "qa:shape", "qa:where", "qa:position"):
-            assert torch.equal(marked, batch.inputs[b] == tok.image_id) and batch.ground[b][marked].max() >= 1
+        cells, answer = batch.ground.cells_BG[b], batch.ground.answer_BT[b]
+        if grounded[b]:
+            assert cells.max() >= 1 and cells.min() == 0 and len(cells) == 64
+            learned = batch.targets[b] != -100
+            assert answer.any() and bool(learned[answer].all())  # only learned positions ...
+            first = tok.decode(batch.targets[b][answer].tolist())
+            assert first.startswith(s.answer)  # ... of the first answer (its <|im_end|> too), not a later turn's
         else:
-            assert not marked.any()
+            assert (cells == -100).all() and not answer.any()
+    with pytest.raises(ValueError, match="ground_grid"):
+        random_sample(rng, tok, 64, mix)
 
 
 def test_interleaved_document_and_sample(tok):

@@ -4,6 +4,7 @@ save/load, and a tiny VLM that learns a handful of ShapeBind questions."""
 import copy
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -103,34 +104,79 @@ def test_clip_caption_styles(tok):
         dataclasses.replace(tc, captions="where")  # refused when configured, before any stream or model exists
 
 
-def test_grounding_head_reads_its_layer_and_leaves_the_answer_alone(tok):
-    from omnigpt.data.vision_samples import ground_targets
-
-    vlm = make_vlm(tok, "inline", pixel_shuffle=2, ground_layer=0)
-    L, g = vlm.cfg.image_tokens, vlm.cfg.token_grid[0]
-    samples, ground = [], []
+def grounded_batch(tok, image_tokens: int, grid: int, qtype: str = "where", n: int = 2):
+    """A collated batch of three questions whose samples carry their grounding labels on the grid."""
+    samples = []
     for i in range(3):
-        scene = sb.make_scene(f"g{i}", 2, VC.image_size)
-        qa = sb.questions(scene, 0, ("where",))[0]
-        samples.append(scene_qa_sample(tok, L, scene, qa))
-        ground.append(ground_targets(tok, samples[-1].ids, sb.token_labels(scene, qa.refs, g)))
-    batch = collate(samples, tok.pad_id, VC.image_size)
-    ground_BT = torch.full_like(batch.inputs, -100)
-    for b, labels in enumerate(ground):
-        ground_BT[b, : len(labels) - 1] = torch.tensor(labels[:-1])
+        scene = sb.make_scene(f"g{i}", n, VC.image_size)
+        qa = sb.questions(scene, 0, (qtype,))[0]
+        samples.append(scene_qa_sample(tok, image_tokens, scene, qa))
+        samples[-1].ground_cells = sb.token_labels(scene, qa.refs, grid)
+    return collate(samples, tok.pad_id, VC.image_size)
+
+
+def grads(m):
+    return sum(float(p.grad.abs().sum()) for p in m.parameters() if p.grad is not None)
+
+
+def test_grounding_head_reads_its_layer_and_leaves_the_answer_alone(tok):
+    vlm = make_vlm(tok, "inline", pixel_shuffle=2, ground_layer=0)
+    batch = grounded_batch(tok, vlm.cfg.image_tokens, vlm.cfg.ground_grid)
     pixels = normalize(batch.images, VC)
-    out = vlm(batch.inputs, None, pixels, ground_BT=ground_BT)
+    out = vlm(batch.inputs, None, pixels, ground=batch.ground)
     assert torch.isfinite(out.ground_loss) and torch.equal(out.logits, vlm(batch.inputs, None, pixels).logits)
     out.ground_loss.backward()
-    grads = lambda m: sum(float(p.grad.abs().sum()) for p in m.parameters() if p.grad is not None)  # noqa: E731
     assert grads(vlm.ground_head) > 0 and grads(vlm.lm.layers[0]) > 0 and grads(vlm.connector) > 0
     assert grads(vlm.lm.layers[1]) == 0  # the head reads layer 0's output: later layers are not its business
-    with pytest.raises(ValueError, match="no grounding head"):
-        make_vlm(tok, "inline", pixel_shuffle=2)(batch.inputs, None, pixels, ground_BT=ground_BT)
-    with pytest.raises(ValueError, match="ground_layer"):
-        make_vlm(tok, "cross", ground_layer=0)
+    with pytest.raises(ValueError, match="no grounding loss"):
+        make_vlm(tok, "inline", pixel_shuffle=2)(batch.inputs, None, pixels, ground=batch.ground)
+    with pytest.raises(ValueError, match="ground_layer needs image tokens on a grid"):
+        make_vlm(tok, "cross", ground_layer=0)  # latents that are not a grid name no place
     with pytest.raises(ValueError, match="ground_layer=5"):
         make_vlm(tok, "inline", ground_layer=5)
+    with pytest.raises(ValueError, match="ground_layer=1"):
+        make_vlm(tok, "cross", resampler_grid=True, ground_layer=1)  # no block after the last layer
+
+
+def test_grid_resampler_latents_read_only_their_window():
+    from omnigpt.model.multimodal import Resampler
+
+    torch.manual_seed(0)
+    res = Resampler(8, 16, n_latents=4, n_layers=2, n_heads=2, grid=4, qk_norm=True).eval()  # 2 x 2 latents over 4 x 4 patches
+    x = torch.randn(1, 16, 8)
+    y = x.clone()
+    y[0, 1 * 4 + 3] += 1.0  # patch (row 1, column 3): the window of latent (0, 1)
+    changed = (res(x) - res(y)).abs().amax(-1)[0] > 1e-6
+    assert changed.tolist() == [False, True, False, False]
+
+
+def test_cross_grounding_points_two_heads_at_the_named_objects(tok):
+    from omnigpt.model.multimodal import pointer_loss
+
+    # the loss itself: all attention on the named cells costs nothing; uniform attention costs log(cells / named)
+    cells = torch.tensor([[0, 1, 2, 0]])
+    answer = torch.tensor([[False, True, True]])
+    visible = torch.ones(1, 3, 4, dtype=torch.bool)
+    sharp = torch.full((1, 2, 3, 4), -30.0)
+    sharp[0, 0, :, 1] = sharp[0, 1, :, 2] = 30.0
+    assert float(pointer_loss(sharp, visible, cells, answer)) < 1e-6
+    assert float(pointer_loss(torch.zeros(1, 2, 3, 4), visible, cells, answer)) == pytest.approx(math.log(4))
+    one = torch.tensor([[0, 1, 1, 0]])  # a one-object question grounds head 0 only: mass 2 of 4 cells
+    assert float(pointer_loss(torch.zeros(1, 2, 3, 4), visible, one, answer)) == pytest.approx(math.log(2))
+
+    vlm = make_vlm(tok, "cross", resampler_grid=True, ground_layer=0)  # 2 x 2 latents, heads 0/1 of the block after layer 0
+    batch = grounded_batch(tok, vlm.cfg.image_tokens, vlm.cfg.ground_grid, qtype="position", n=3)
+    pixels = normalize(batch.images, VC)
+    out = vlm(batch.inputs, None, pixels, ground=batch.ground)
+    assert torch.isfinite(out.ground_loss) and torch.equal(out.logits, vlm(batch.inputs, None, pixels).logits)
+    out.ground_loss.backward()
+    block = vlm.xattn["1"]
+    assert grads(vlm.connector) > 0 and grads(vlm.lm.layers[0]) > 0 and grads(vlm.vision) > 0
+    assert grads(vlm.lm.layers[1]) == 0  # layer 1 comes after the grounded block
+    assert float(vlm.xattn["0"].attn_gate.grad.abs()) > 0  # block 0 feeds layer 0 (through its gate, still at 0)
+    h = vlm.cfg.text.d_model // vlm.cfg.text.n_heads
+    assert float(block.attn.q.weight.grad[: 2 * h].abs().sum()) > 0  # only the two pointer heads' queries learn
+    assert vlm.cfg.text.n_heads == 2 or float(block.attn.q.weight.grad[2 * h:].abs().sum()) == 0
 
 
 def test_pixel_shuffle_and_grid_sizes():

@@ -46,12 +46,13 @@ def test_recipe_vlm_options_reach_the_model():
     inline, cross = build_vlm(r, "inline", tok, vision, lm), build_vlm(r, "cross", tok, vision, lm)
     assert (inline.cfg.feature_layer, inline.cfg.mrope, inline.cfg.pos2d_scale) == (-2, True, 0.5)
     assert cross.cfg.feature_layer == -2 and not cross.cfg.mrope  # M-RoPE is inline-only
-    # the grounding loss: a head on an LM layer and labelled question samples in the joint stage, inline only
-    assert inline.cfg.ground_layer == r.ground_layer and cross.cfg.ground_layer is None
+    # the grounding loss on an LM layer, with labelled question samples in the joint stage; cross needs latents on a grid
+    assert inline.cfg.ground_layer == cross.cfg.ground_layer == r.ground_layer and cross.cfg.resampler_grid
     (_, joint), (_, cross_joint) = vlm_stages(r, "inline"), vlm_stages(r, "cross")
-    assert (joint.ground_weight, joint.mix.ground) == (r.ground_weight, True) and r.ground_weight > 0
-    assert (cross_joint.ground_weight, cross_joint.mix.ground) == (0.0, False)
+    assert (joint.ground_weight, joint.mix.ground) == (cross_joint.ground_weight, cross_joint.mix.ground) == (r.ground_weight, True)
     assert build_vlm(r.override(["ground_weight=0"]), "inline", tok, vision, lm).cfg.ground_layer is None
+    free = r.override(["resampler_grid=false"])
+    assert build_vlm(free, "cross", tok, vision, lm).cfg.ground_layer is None and vlm_stages(free, "cross")[1].ground_weight == 0
     last = build_vlm(r.override(["feature_layer=-1"]), "inline", tok, vision, lm)
     pixels = torch.randn(1, 3, r.image_size, r.image_size)
     with torch.no_grad():

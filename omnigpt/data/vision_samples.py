@@ -12,7 +12,6 @@ evaluation uses another seed namespace, so no evaluation scene is a training sce
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import tempfile
@@ -36,7 +35,7 @@ class Sample:
     answer: str = ""
     n: int = 0  # objects per scene
     prompt_len: int = 0  # chat samples: ids[:prompt_len] is the generation prompt
-    ground: list[int] | None = None  # aligned with ids: sb.token_labels at the image's tokens, IGNORE elsewhere
+    ground_cells: list[int] | None = None  # qa: sb.token_labels of the first question's objects in its image's grid
 
 
 def shapebind_tokenizer(vocab_size: int = 512, n_scenes: int = 1000):
@@ -186,7 +185,7 @@ class Mix:
     text: float = 0.0  # text without images (LM warm-up)
     qa_types: tuple[str, ...] = sb.QA_TYPES
     max_turns: int = 1  # qa: up to this many questions about the same image, one chat turn each
-    ground: bool = False  # qa: label the image tokens with the objects the first question names (Sample.ground)
+    ground: bool = False  # qa: label the image's grid cells with the objects the first question names (Sample.ground_cells)
 
     def kinds(self) -> tuple[list[str], list[float]]:
         names = ["qa", "caption", "multi", "doc", "pair", "real", "text"]
@@ -194,8 +193,13 @@ class Mix:
 
 
 def random_sample(rng: random.Random, tok, image_tokens: int, mix: Mix, *, n_range=(1, 16), image_size: int = 128,
-                  seed_ns: str = "train", pool: ScenePool | None = None, real_pairs=None, max_len: int | None = None) -> Sample:
+                  seed_ns: str = "train", pool: ScenePool | None = None, real_pairs=None, max_len: int | None = None,
+                  ground_grid: int = 0) -> Sample:
+    """One sample of a kind drawn from `mix`; with mix.ground, question samples carry their grounding labels on a
+    ground_grid x ground_grid layout (the VLM's VLMConfig.ground_grid)."""
     names, weights = mix.kinds()
+    if mix.ground and ground_grid < 1:
+        raise ValueError("mix.ground needs the grounding grid (ground_grid >= 1: VLMConfig.ground_grid)")
 
     def scene():
         return draw_scene(rng, n_range, image_size, seed_ns, pool)
@@ -226,33 +230,45 @@ def random_sample(rng: random.Random, tok, image_tokens: int, mix: Mix, *, n_ran
             s = chat_sample(tok, image_tokens, [image], qas[0].question, qas[0].answer, f"qa:{qas[0].type}", len(sc.objects), more)
             if max_len is None or len(s.ids) <= max_len or len(qas) == 1:
                 if mix.ground and qas[0].refs:
-                    s.ground = ground_targets(tok, s.ids, sb.token_labels(sc, qas[0].refs, math.isqrt(image_tokens)))
+                    s.ground_cells = sb.token_labels(sc, qas[0].refs, ground_grid)
                 return s
             qas.pop()  # too long: fewer turns
 
 
-def ground_targets(tok, ids: list[int], labels: list[int]) -> list[int]:
-    """`labels` (one per image token, the sample's only image) placed at the image's positions in `ids`."""
-    out, it = [IGNORE] * len(ids), iter(labels)
-    for i, t in enumerate(ids):
-        if t == tok.image_id:
-            out[i] = next(it)
-    return out
-
-
 # ---- batches ---------------------------------------------------------------------------------------------------
+@dataclass
+class Grounding:
+    """What a batch's question samples are about, for the grounding loss (VLM.forward's `ground`)."""
+
+    cells_BG: torch.Tensor  # (B, g*g) long: Sample.ground_cells of each row's first image; IGNORE in rows without
+    answer_BT: torch.Tensor  # (B, T) bool: the positions that predict the first answer of a grounded row
+
+    def to(self, device) -> Grounding:
+        return Grounding(self.cells_BG.to(device, non_blocking=True), self.answer_BT.to(device, non_blocking=True))
+
+
+def first_answer(mask: list[int]) -> list[int]:
+    """Input positions t (predicting ids[t + 1]) of the first learned run of a sample's mask: its first answer."""
+    learn = mask[1:]
+    start = learn.index(1) if 1 in learn else len(learn)
+    end = start
+    while end < len(learn) and learn[end]:
+        end += 1
+    return list(range(start, end))
+
+
 @dataclass
 class VLBatch:
     inputs: torch.Tensor  # (B, T) token ids, right-padded
     targets: torch.Tensor  # (B, T) next tokens, IGNORE where not learned
     images: torch.Tensor  # (N, H, W, 3) uint8, all rows' images in order
     kinds: list[str] = field(default_factory=list)
-    ground: torch.Tensor | None = None  # (B, T) grounding labels at image tokens (Sample.ground), IGNORE elsewhere
+    ground: Grounding | None = None  # when a row has Sample.ground_cells
 
     def to(self, device) -> VLBatch:
         return VLBatch(self.inputs.to(device, non_blocking=True), self.targets.to(device, non_blocking=True),
                        self.images.to(device, non_blocking=True), self.kinds,
-                       None if self.ground is None else self.ground.to(device, non_blocking=True))
+                       None if self.ground is None else self.ground.to(device))
 
 
 def collate(samples: list[Sample], pad_id: int, image_size: int) -> VLBatch:
@@ -264,11 +280,13 @@ def collate(samples: list[Sample], pad_id: int, image_size: int) -> VLBatch:
         inputs[b, : len(ids) - 1] = ids[:-1]
         targets[b, : len(ids) - 1] = ids[1:].masked_fill(~learn[1:], IGNORE)
     ground = None
-    if any(s.ground for s in samples):
-        ground = torch.full((len(samples), T), IGNORE, dtype=torch.long)
+    if any(s.ground_cells for s in samples):
+        G = max(len(s.ground_cells) for s in samples if s.ground_cells)
+        ground = Grounding(torch.full((len(samples), G), IGNORE, dtype=torch.long), torch.zeros(len(samples), T, dtype=torch.bool))
         for b, s in enumerate(samples):
-            if s.ground:
-                ground[b, : len(s.ids) - 1] = torch.tensor(s.ground[:-1])
+            if s.ground_cells:
+                ground.cells_BG[b] = torch.tensor(s.ground_cells)
+                ground.answer_BT[b, first_answer(s.mask)] = True
     images = [im for s in samples for im in s.images]
     images_t = torch.from_numpy(np.stack(images)) if images else torch.zeros(0, image_size, image_size, 3, dtype=torch.uint8)
     return VLBatch(inputs, targets, images_t, [s.kind for s in samples], ground)
@@ -278,9 +296,11 @@ class SampleStream(torch.utils.data.IterableDataset):
     """An endless stream of collated batches; each DataLoader worker draws from its own seed."""
 
     def __init__(self, tok, image_tokens: int, mix: Mix, batch_size: int, *, seed: int = 0, n_range=(1, 16),
-                 image_size: int = 128, pool: ScenePool | None = None, real_pairs=None, max_len: int | None = None):
+                 image_size: int = 128, pool: ScenePool | None = None, real_pairs=None, max_len: int | None = None,
+                 ground_grid: int = 0):
         self.tok, self.image_tokens, self.mix, self.batch_size = tok, image_tokens, mix, batch_size
         self.seed, self.n_range, self.image_size, self.max_len = seed, n_range, image_size, max_len
+        self.ground_grid = ground_grid
         self.pool, self.real_pairs = pool, real_pairs
 
     def __iter__(self):
@@ -292,7 +312,7 @@ class SampleStream(torch.utils.data.IterableDataset):
             while len(batch) < self.batch_size:
                 s = random_sample(rng, self.tok, self.image_tokens, self.mix, n_range=self.n_range,
                                   image_size=self.image_size, seed_ns=f"train{self.seed}.{worker}", pool=self.pool,
-                                  real_pairs=self.real_pairs, max_len=self.max_len)
+                                  real_pairs=self.real_pairs, max_len=self.max_len, ground_grid=self.ground_grid)
                 if self.max_len is None or len(s.ids) <= self.max_len:
                     batch.append(s)
             yield collate(batch, self.tok.pad_id, self.image_size)

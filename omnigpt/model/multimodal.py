@@ -14,11 +14,15 @@ cross (Flamingo): an image is one `<|image|>` token in the text. A Perceiver res
     initialisation the VLM computes exactly what the LM alone computes. The blocks are attached with forward
     pre-hooks on the LM's layers, so the LM's own weights, names and forward (KV cache included) are untouched.
 
-Grounding loss (inline mlp, off unless ground_layer is set): a linear head on the output of LM layer ground_layer
-classifies each image token as showing the question's first named object, its second, or neither (targets from
-scenes.token_labels). It teaches the image tokens, which come after the question, to mark the objects asked about,
-so that later layers can attend to them and read where they are; without it, answers that need *which* token
-holds an object ("where is the red star?") sit at chance once there are two objects (benchmarks/RESULTS.md).
+Grounding loss (off unless ground_layer is set; needs an image's vectors on a grid: the inline mlp connector, or a
+resampler with resampler_grid). Without it, answers that need *which* image vector holds an object ("where is the
+red star?") sit at chance once there are two objects (benchmarks/RESULTS.md). Targets: scenes.token_labels, each
+grid cell marked as showing the question's first named object, its second, or neither.
+- inline: a linear head on the output of LM layer ground_layer classifies each image token so. The image tokens
+  come after the question: they learn to mark the objects asked about, and later layers attend to the marks.
+- cross: the latents do not see the question, so the text must find the objects: at every position of the answer,
+  heads 0 and 1 of the gated cross-attention block after layer ground_layer learn to put their attention on the
+  latents of the first and second named object (pointer_loss; the values they read then carry where it is).
 
 Where an image token is (inline, mlp connector: the L tokens are a gh x gw grid in reading order):
 - pos2d (default on): a fixed 2-D sin-cos (row, column) embedding added to the patch features before the connector;
@@ -34,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,13 +65,15 @@ class VLMConfig:
     n_latents: int = 16  # resampler: tokens per image
     resampler_layers: int = 2
     resampler_heads: int = 4
+    resampler_grid: bool = False  # resampler: latents on a sqrt(L) x sqrt(L) grid, each reading only its window of patches
+    qk_norm: bool = True  # RMSNorm on each head's queries and keys in the resampler and the gated cross-attention blocks
     cross_every: int = 1  # cross: a gated cross-attention block before layers 0, n, 2n, ...
     feature_layer: int = -1  # vision block whose output feeds the connector (-2: the penultimate, as LLaVA)
     pos2d: bool = True  # add a fixed 2-D sin-cos (row, column) embedding to the patch features before the connector
     pos2d_scale: float = 1.0  # pos2d: the sin-cos embedding is multiplied by this (1: as before)
     pos_lm: bool = False  # inline mlp: add a learned (row, column) embedding in the LM's width after the connector
     mrope: bool = False  # inline mlp: image tokens get 2-D rotary positions in the LM (M-RoPE; see mrope_positions)
-    ground_layer: int | None = None  # inline mlp: grounding head on this LM layer's output (None: no head)
+    ground_layer: int | None = None  # grounding loss on this LM layer's output (None: none); needs image tokens on a grid
 
     def __post_init__(self):
         if isinstance(self.vision, dict):
@@ -85,10 +92,23 @@ class VLMConfig:
             raise ValueError(f"invalid VLMConfig: image_id={self.image_id} is outside the vocabulary of {self.text.vocab_size}")
         if self.cross_every < 1 or self.n_latents < 1:
             raise ValueError("invalid VLMConfig: cross_every and n_latents must be >= 1")
-        if (self.mrope or self.pos_lm or self.ground_layer is not None) and self.uses_resampler:
-            raise ValueError("invalid VLMConfig: mrope, pos_lm and ground_layer need image tokens on a grid (inline fusion, mlp connector)")
-        if self.ground_layer is not None and not 0 <= self.ground_layer < self.text.n_layers:
-            raise ValueError(f"invalid VLMConfig: ground_layer={self.ground_layer} is not a layer of the {self.text.n_layers}-layer LM")
+        if (self.mrope or self.pos_lm) and self.uses_resampler:
+            raise ValueError("invalid VLMConfig: mrope and pos_lm need image tokens on a grid (inline fusion, mlp connector)")
+        if self.resampler_grid and self.uses_resampler:
+            g = math.isqrt(self.n_latents)
+            if g * g != self.n_latents or self.vision.grid % g:
+                raise ValueError(f"invalid VLMConfig: resampler_grid needs n_latents = g*g with g dividing the patch grid "
+                                 f"{self.vision.grid}; got n_latents={self.n_latents}")
+        if self.ground_layer is not None:
+            if self.ground_grid is None:
+                raise ValueError("invalid VLMConfig: ground_layer needs image tokens on a grid (inline mlp connector, or resampler_grid)")
+            if not 0 <= self.ground_layer < self.text.n_layers:
+                raise ValueError(f"invalid VLMConfig: ground_layer={self.ground_layer} is not a layer of the {self.text.n_layers}-layer LM")
+            if self.fusion == "cross" and self.text.n_heads < 2:
+                raise ValueError("invalid VLMConfig: cross fusion grounds heads 0 and 1 of a block: the LM needs n_heads >= 2")
+            if self.fusion == "cross" and self.ground_layer + 1 not in self.cross_layers():
+                raise ValueError(f"invalid VLMConfig: cross fusion grounds the gated cross-attention block after layer "
+                                 f"ground_layer={self.ground_layer}, and there is none (blocks before layers {self.cross_layers()})")
 
     @property
     def uses_resampler(self) -> bool:
@@ -104,6 +124,13 @@ class VLMConfig:
         """(rows, columns) of an image's tokens in the text (inline mlp connector), in reading order."""
         g = self.vision.grid // self.pixel_shuffle
         return g, g
+
+    @property
+    def ground_grid(self) -> int | None:
+        """g when an image's L vectors are a g x g grid in reading order (what grounding labels refer to), else None."""
+        if not self.uses_resampler:
+            return self.token_grid[0]
+        return math.isqrt(self.n_latents) if self.resampler_grid else None
 
     @property
     def image_tokens(self) -> int:
@@ -203,63 +230,90 @@ class MLPConnector(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Queries from x, keys and values from a context; multi-head, SDPA."""
+    """Queries from x, keys and values from a context; multi-head, SDPA. qk_norm bounds the attention logits (a
+    gated cross-attention VLM diverged without it after ~800 steps at lr 5e-4 in bf16: RESULTS.md, run 8)."""
 
-    def __init__(self, d: int, n_heads: int, d_ctx: int | None = None):
+    def __init__(self, d: int, n_heads: int, d_ctx: int | None = None, qk_norm: bool = False):
         super().__init__()
         self.n_heads = n_heads
         self.q = nn.Linear(d, d, bias=False)
         self.kv = nn.Linear(d_ctx or d, 2 * d, bias=False)
         self.out = nn.Linear(d, d, bias=False)
+        self.q_norm = RMSNorm(d // n_heads) if qk_norm else None
+        self.k_norm = RMSNorm(d // n_heads) if qk_norm else None
+
+    def heads(self, x_BTD, ctx_BSD):
+        """Per-head queries (B, K, T, h), keys and values (B, K, S, h)."""
+        B, T, D = x_BTD.shape
+        K, h = self.n_heads, D // self.n_heads
+        q = self.q(x_BTD).view(B, T, K, h)
+        k, v = self.kv(ctx_BSD).view(B, -1, 2, K, h).unbind(2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x_BTD, ctx_BSD, mask_BTS=None):
         B, T, D = x_BTD.shape
-        K, h = self.n_heads, D // self.n_heads
-        q = self.q(x_BTD).view(B, T, K, h).transpose(1, 2)
-        k, v = self.kv(ctx_BSD).view(B, -1, 2, K, h).permute(2, 0, 3, 1, 4)
-        mask = None if mask_BTS is None else mask_BTS.unsqueeze(1)
+        q, k, v = self.heads(x_BTD, ctx_BSD)
+        mask = None if mask_BTS is None else mask_BTS.unsqueeze(-3)  # (B, T, S) or (T, S): one for all heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 
 class ResamplerLayer(nn.Module):
-    def __init__(self, d: int, n_heads: int):
+    def __init__(self, d: int, n_heads: int, qk_norm: bool = False):
         super().__init__()
         self.norm_x, self.norm_l = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = CrossAttention(d, n_heads)
+        self.attn = CrossAttention(d, n_heads, qk_norm=qk_norm)
         self.mlp_norm, self.mlp = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
-    def forward(self, lat_NLD, x_NPD):
+    def forward(self, lat_NLD, x_NPD, mask_LS=None):
         lat_n = self.norm_l(lat_NLD)
-        lat_NLD = lat_NLD + self.attn(lat_n, torch.cat([self.norm_x(x_NPD), lat_n], dim=1))  # Flamingo: kv = [x; latents]
+        lat_NLD = lat_NLD + self.attn(lat_n, torch.cat([self.norm_x(x_NPD), lat_n], dim=1), mask_LS)  # Flamingo: kv = [x; latents]
         return lat_NLD + self.mlp(self.mlp_norm(lat_NLD))
 
 
-class Resampler(nn.Module):
-    """Perceiver resampler (Flamingo): L learned latents cross-attend to an image's patch tokens -> (N, L, d_out)."""
+def window_mask(grid: int, latent_grid: int) -> torch.Tensor:
+    """(L, P + L) bool for a resampler whose L = g*g latents sit on a grid over the grid x grid patches: latent
+    (i, j) sees the patches of its window (rows i*s .. i*s+s-1, columns j*s .., s = grid / g) and itself."""
+    s, g = grid // latent_grid, latent_grid
+    cell = (torch.arange(grid) // s)
+    patch_cell = (cell[:, None] * g + cell[None, :]).flatten()  # (P,) the latent whose window holds each patch
+    latents = torch.arange(g * g)
+    return torch.cat([latents[:, None] == patch_cell[None, :], torch.eye(g * g, dtype=torch.bool)], dim=1)
 
-    def __init__(self, d_in: int, d_out: int, n_latents: int, n_layers: int, n_heads: int):
+
+class Resampler(nn.Module):
+    """Perceiver resampler (Flamingo): L learned latents cross-attend to an image's patch tokens -> (N, L, d_out).
+    With a grid (the patch grid; L a square), each latent reads only its window of patches, so the L outputs are a
+    grid of places (as Honeybee's locality-preserving projectors argue for spatial questions) that grounding
+    labels can name."""
+
+    def __init__(self, d_in: int, d_out: int, n_latents: int, n_layers: int, n_heads: int, grid: int | None = None,
+                 qk_norm: bool = False):
         super().__init__()
         self.proj_in = nn.Linear(d_in, d_out)
         self.latents = nn.Parameter(torch.randn(n_latents, d_out) * 0.02)
-        self.layers = nn.ModuleList(ResamplerLayer(d_out, n_heads) for _ in range(n_layers))
+        self.layers = nn.ModuleList(ResamplerLayer(d_out, n_heads, qk_norm) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_out)
+        mask = window_mask(grid, math.isqrt(n_latents)) if grid else None
+        self.register_buffer("mask_LS", mask, persistent=False)
 
     def forward(self, x_NPV):
         x_NPD = self.proj_in(x_NPV)
         lat_NLD = self.latents.expand(x_NPD.shape[0], -1, -1).to(x_NPD.dtype)
         for layer in self.layers:
-            lat_NLD = layer(lat_NLD, x_NPD)
+            lat_NLD = layer(lat_NLD, x_NPD, self.mask_LS)
         return self.norm(lat_NLD)
 
 
 class GatedCrossBlock(nn.Module):
     """Flamingo's GATED XATTN-DENSE: x += tanh(a) * xattn(x, media); x += tanh(b) * ffw(x); a = b = 0 at init."""
 
-    def __init__(self, cfg: ModelConfig, n_heads: int):
+    def __init__(self, cfg: ModelConfig, n_heads: int, qk_norm: bool = False):
         super().__init__()
         d = cfg.d_model
-        self.attn_norm, self.attn = RMSNorm(d, cfg.norm_eps), CrossAttention(d, n_heads)
+        self.attn_norm, self.attn = RMSNorm(d, cfg.norm_eps), CrossAttention(d, n_heads, qk_norm=qk_norm)
         self.mlp_norm, self.mlp = RMSNorm(d, cfg.norm_eps), SwiGLU(d, cfg.d_ff)
         self.attn_gate = nn.Parameter(torch.zeros(1))
         self.mlp_gate = nn.Parameter(torch.zeros(1))
@@ -337,14 +391,44 @@ class CrossHook:
 
 
 class GroundHook:
-    """Forward hook on an LM layer: keeps its output while grounding targets are given (VLM.forward)."""
+    """Forward hook that keeps, while grounding targets are given (VLM.forward), an LM layer's output (inline) or
+    the inputs (x, media) of a gated cross-attention block (cross)."""
 
     def __init__(self, store: dict):
         self.store = store
 
-    def __call__(self, layer, args, out):
+    def __call__(self, module, args, out):
         if self.store.get("on"):
-            self.store["x"] = out[0] if isinstance(out, tuple) else out  # (x, MoE aux) or x
+            if isinstance(module, GatedCrossBlock):
+                self.store["x"] = args
+            else:
+                self.store["x"] = out[0] if isinstance(out, tuple) else out  # (x, MoE aux) or x
+
+
+def first_image_labels(ids_BT: torch.Tensor, image_id: int, cells_BG: torch.Tensor) -> torch.Tensor:
+    """(B, T) grounding labels at the placeholders of each row's first image (cells_BG in reading order), IGNORE
+    elsewhere (inline fusion: an image's tokens are its grid cells)."""
+    where = ids_BT == image_id
+    k = where.cumsum(1) - 1
+    first = where & (k < cells_BG.shape[1])
+    labels = cells_BG.gather(1, k.clamp(0, cells_BG.shape[1] - 1))
+    return torch.where(first, labels, torch.full_like(labels, IGNORE))
+
+
+def pointer_loss(logits_BKTQ: torch.Tensor, visible_BTQ: torch.Tensor, cells_BG: torch.Tensor, answer_BT: torch.Tensor) -> torch.Tensor:
+    """Cross fusion's grounding loss: head k of the grounded block (k = 0, 1) should put its attention, at every
+    position of the answer, on the latents (the first image's grid cells) of the question's (k+1)-th named object:
+    mean over (row, answer position, head whose object the row names) of -log(attention mass on those cells)."""
+    G = cells_BG.shape[1]
+    logp = logits_BKTQ.float().masked_fill(~visible_BTQ.unsqueeze(1), float("-inf")).log_softmax(-1)[..., :G]
+    terms, n = logp.new_zeros(()), 0
+    for k in range(logits_BKTQ.shape[1]):
+        target_BG = cells_BG == k + 1
+        use_BT = answer_BT & target_BG.any(1, keepdim=True)
+        mass_BT = logp[:, k].masked_fill(~target_BG.unsqueeze(1), float("-inf")).logsumexp(-1)
+        terms = terms - mass_BT[use_BT].sum()
+        n += int(use_BT.sum())
+    return terms / max(n, 1)
 
 
 class VLM(nn.Module):
@@ -355,20 +439,23 @@ class VLM(nn.Module):
         self.lm = lm if lm is not None else Transformer(cfg.text)
         V, D = cfg.vision.d_model, cfg.text.d_model
         if cfg.uses_resampler:
-            self.connector = Resampler(V, D, cfg.n_latents, cfg.resampler_layers, cfg.resampler_heads)
+            self.connector = Resampler(V, D, cfg.n_latents, cfg.resampler_layers, cfg.resampler_heads,
+                                       grid=cfg.vision.grid if cfg.resampler_grid else None, qk_norm=cfg.qk_norm)
         else:
             self.connector = MLPConnector(V * cfg.pixel_shuffle ** 2, D)
-        self.xattn = nn.ModuleDict({str(i): GatedCrossBlock(cfg.text, cfg.text.n_heads) for i in cfg.cross_layers()})
+        self.xattn = nn.ModuleDict({str(i): GatedCrossBlock(cfg.text, cfg.text.n_heads, cfg.qk_norm) for i in cfg.cross_layers()})
         self._media = {"now": None}  # what the cross-attention blocks see during the current LM call
         for i in cfg.cross_layers():
             self.lm.layers[i].register_forward_pre_hook(CrossHook(self.xattn[str(i)], self._media))
         if cfg.pos_lm:  # learned row and column embeddings of the image tokens, in the LM's width
             gh, gw = cfg.token_grid
             self.pos_rows, self.pos_cols = nn.Parameter(torch.zeros(gh, D)), nn.Parameter(torch.zeros(gw, D))
-        self._ground: dict = {}  # the grounding layer's output during the current call
-        if cfg.ground_layer is not None:
+        self._ground: dict = {}  # what the grounding loss reads during the current call
+        if cfg.ground_layer is not None and cfg.fusion == "inline":
             self.ground_head = nn.Linear(D, 3)  # neither / first / second object the question names
             self.lm.layers[cfg.ground_layer].register_forward_hook(GroundHook(self._ground))
+        elif cfg.ground_layer is not None:  # cross: the block after the layer, whose heads 0 and 1 point at the objects
+            self.xattn[str(cfg.ground_layer + 1)].register_forward_hook(GroundHook(self._ground))
         self._rotary = {"now": None}  # M-RoPE (cos, sin) the LM's layers use during the current call
         if cfg.mrope:
             for layer in self.lm.layers:
@@ -411,21 +498,21 @@ class VLM(nn.Module):
         return out
 
     def forward(self, ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
-                pixels_NCHW: torch.Tensor | None = None, ground_BT: torch.Tensor | None = None) -> ModelOutput:
+                pixels_NCHW: torch.Tensor | None = None, ground=None) -> ModelOutput:
         """Next-token logits and, given targets, the text-only loss. Images, in order of their placeholders.
-        Given ground_BT (scenes.token_labels at image tokens, IGNORE elsewhere), also the grounding loss
+        Given ground (omnigpt.data.vision_samples.Grounding: each grounded row's first image's cells labelled with
+        the objects its question names, and the positions of its answer), also the grounding loss
         (out.ground_loss; not part of out.loss, the caller weighs it)."""
-        if ground_BT is not None:
+        if ground is not None:
             if self.cfg.ground_layer is None:
-                raise ValueError("grounding targets given but the VLM has no grounding head (VLMConfig.ground_layer)")
+                raise ValueError("grounding targets given but the VLM has no grounding loss (VLMConfig.ground_layer)")
             self._ground.update(on=True, x=None)
             try:
                 out = self.forward(ids_BT, targets_BT, pixels_NCHW)
             finally:
                 self._ground["on"] = False
-            x_BTD, self._ground["x"] = self._ground["x"], None
-            logits = self.ground_head(x_BTD).float()
-            return dataclasses.replace(out, ground_loss=F.cross_entropy(logits.flatten(0, 1), ground_BT.flatten(), ignore_index=IGNORE))
+            seen, self._ground["x"] = self._ground["x"], None
+            return dataclasses.replace(out, ground_loss=self.ground_loss(ids_BT, seen, ground))
         feats = self.encode_images(pixels_NCHW) if pixels_NCHW is not None and len(pixels_NCHW) else None
         targets_BT = text_only_targets(targets_BT, self.cfg.image_id)
         if self.cfg.fusion == "inline":
@@ -444,11 +531,24 @@ class VLM(nn.Module):
         with self.attending(media):
             return self.lm(ids_BT, targets_BT)
 
+    def ground_loss(self, ids_BT: torch.Tensor, seen, ground) -> torch.Tensor:
+        if self.cfg.fusion == "inline":  # each image token says which named object it shows (or none)
+            logits = self.ground_head(seen).float()
+            labels_BT = first_image_labels(ids_BT, self.cfg.image_id, ground.cells_BG)
+            return F.cross_entropy(logits.flatten(0, 1), labels_BT.flatten(), ignore_index=IGNORE)
+        x_BTD, media = seen  # cross: the grounded block's attention from the answer to the named objects' latents
+        if media is None:
+            raise ValueError("grounding targets given for a batch without images")
+        block = self.xattn[str(self.cfg.ground_layer + 1)]
+        q, k, _ = block.attn.heads(block.attn_norm(x_BTD), media.media_BQD.to(x_BTD.dtype))
+        logits = (q[:, :2] @ k[:, :2].transpose(-1, -2)) * q.shape[-1] ** -0.5  # heads 0 and 1, as SDPA scales them
+        return pointer_loss(logits, media.visible_BTQ, ground.cells_BG, ground.answer_BT)
+
     # -- training helpers ------------------------------------------------------------------------------------
     def parts(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by part, for staged training: vision, connector (resampler, cross-attention blocks too), lm."""
         pos = ([self.pos_rows, self.pos_cols] if self.cfg.pos_lm else []) + (
-            list(self.ground_head.parameters()) if self.cfg.ground_layer is not None else [])
+            list(self.ground_head.parameters()) if hasattr(self, "ground_head") else [])
         return {"vision": list(self.vision.parameters()),
                 "connector": list(self.connector.parameters()) + list(self.xattn.parameters()) + pos,
                 "lm": list(self.lm.parameters())}

@@ -122,14 +122,15 @@ def sample_mean_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torc
     return (loss_BT.sum(1)[n_B > 0] / n_B[n_B > 0]).mean()
 
 
-def forward_loss(model, batch, vision_cfg, ground_weight: float = 0.0):
+def forward_loss(model, batch, vision_cfg, ground_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the loss to minimise, the grounding loss in it or None): answer loss + ground_weight x grounding loss."""
     if isinstance(model, VLM):
         pixels = normalize(batch.images, vision_cfg) if len(batch.images) else None
         ground = batch.ground if ground_weight > 0 else None
-        out = model(batch.inputs, None, pixels, ground_BT=ground)
+        out = model(batch.inputs, None, pixels, ground=ground)
         loss = sample_mean_loss(out.logits, batch.targets)
-        return loss if ground is None else loss + ground_weight * out.ground_loss
-    return sample_mean_loss(model(batch.inputs).logits, batch.targets)
+        return (loss, None) if ground is None else (loss + ground_weight * out.ground_loss, out.ground_loss)
+    return sample_mean_loss(model(batch.inputs).logits, batch.targets), None
 
 
 def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, image_tokens: int = 1, vision_cfg=None,
@@ -144,8 +145,10 @@ def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, 
     model.train()
     opt = stage_optimizer(model, stage.lr, stage.vision_lr_scale, weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
+    ground_grid = model.cfg.ground_grid if isinstance(model, VLM) and stage.mix.ground else 0
     stream = SampleStream(tok, image_tokens, stage.mix, data.batch_size, seed=zlib.crc32(f"{data.seed}:{stage.name}".encode()),
-                          n_range=data.n_range, image_size=data.image_size, max_len=data.max_len, pool=pool)
+                          n_range=data.n_range, image_size=data.image_size, max_len=data.max_len, pool=pool,
+                          ground_grid=ground_grid or 0)
     it = batches(stream, data.workers)
     autocast = autocast_for(device)
     metrics = open(metrics_path, "a") if metrics_path else None
@@ -157,7 +160,7 @@ def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, 
         set_lr(opt, lr_at(step, clock.progress(step), warmup))
         batch = next(it).to(device)
         with autocast:
-            loss = forward_loss(model, batch, vision_cfg, stage.ground_weight)
+            loss, ground_loss = forward_loss(model, batch, vision_cfg, stage.ground_weight)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         if math.isfinite(float(gnorm)):  # a bf16 overflow skips one step instead of poisoning the weights
@@ -165,6 +168,10 @@ def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, 
             bad_run = 0
         else:
             skipped, bad_run = skipped + 1, bad_run + 1
+            if bad_run == 1:  # where it starts: the parameters whose gradients are not finite
+                bad = [n for n, p in model.named_parameters() if p.grad is not None and not bool(p.grad.isfinite().all())]
+                log(f"[{stage.name}] step {step}: non-finite gradients (loss {loss.item():.4f}) in {len(bad)} tensors: "
+                    f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}")
             if bad_run >= 20:
                 raise FloatingPointError(f"[{stage.name}] 20 steps in a row with non-finite gradients at step {step}; "
                                          f"lower the learning rate (now {opt.param_groups[0]['lr']:.2e})")
@@ -175,8 +182,11 @@ def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, 
         if step % log_every == 0 or step == 1:
             rec = {"stage": stage.name, "step": step, "loss": loss.item(), "grad_norm": float(gnorm),
                    "lr": opt.param_groups[0]["lr"], "seconds": clock.elapsed(), "skipped": skipped}
-            log(f"[{stage.name}] step {step} loss {rec['loss']:.4f} gnorm {rec['grad_norm']:.2f} lr {rec['lr']:.2e} "
-                f"{rec['seconds']:.0f}s ({step / rec['seconds']:.1f} steps/s)")
+            if ground_loss is not None:
+                rec["ground_loss"] = ground_loss.item()
+            log(f"[{stage.name}] step {step} loss {rec['loss']:.4f}"
+                + (f" (grounding {rec['ground_loss']:.4f})" if ground_loss is not None else "")
+                + f" gnorm {rec['grad_norm']:.2f} lr {rec['lr']:.2e} {rec['seconds']:.0f}s ({step / rec['seconds']:.1f} steps/s)")
             if metrics:
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
@@ -238,8 +248,9 @@ class Recipe:
     feature_layer: int = -1  # ViT block the connector reads (-2: the penultimate, as LLaVA; see vision_token_locality.py)
     clip_captions: str = "plain"  # CLIP stage: "plain" scene captions, or "located" (every object with its grid cell)
     clip_hard_negatives: float = 0.0  # CLIP stage: share of scenes paired in the batch with their rebind twin
-    ground_weight: float = 0.5  # inline joint stage: + this x the grounding loss (VLMConfig.ground_layer; 0: off)
-    ground_layer: int = 2  # the LM layer whose output the grounding head reads
+    ground_weight: float = 0.5  # joint stage: + this x the grounding loss (VLMConfig.ground_layer; 0: off)
+    ground_layer: int = 2  # the LM layer whose output the grounding head (inline) or the grounded block (cross) reads
+    resampler_grid: bool = True  # cross: each latent reads one window of patches (a grid the grounding loss can name)
 
     def override(self, pairs: list[str]) -> Recipe:
         """FIELD=VALUE pairs, VALUE in JSON (numbers, null, lists, objects): omnigpt.config.override_fields."""
@@ -262,16 +273,22 @@ def build_vlm(recipe: Recipe, mode: str, tok, vision, lm) -> VLM:
     inline = mode == "inline"
     cfg = VLMConfig(vision=vision.cfg, text=lm.cfg, image_id=tok.image_id, fusion=mode, connector="mlp",
                     pixel_shuffle=recipe.pixel_shuffle if inline else 1, n_latents=recipe.n_latents,
+                    resampler_grid=recipe.resampler_grid and not inline,
                     cross_every=recipe.cross_every, pos2d_scale=recipe.pos2d_scale, feature_layer=recipe.feature_layer,
                     mrope=recipe.mrope and inline, pos_lm=recipe.pos_lm and inline,
-                    ground_layer=recipe.ground_layer if recipe.ground_weight > 0 and inline else None)
+                    ground_layer=recipe.ground_layer if grounded(recipe, mode) else None)
     return VLM(cfg, vision=copy.deepcopy(vision), lm=copy.deepcopy(lm))
+
+
+def grounded(recipe: Recipe, mode: str) -> bool:
+    """Whether this mode trains with the grounding loss: its image vectors must be a grid (cross: resampler_grid)."""
+    return recipe.ground_weight > 0 and (mode == "inline" or recipe.resampler_grid)
 
 
 def vlm_stages(recipe: Recipe, mode: str = "inline") -> list[Stage]:
     joint_parts = ("connector", "lm", "vision") if recipe.train_vision else ("connector", "lm")
     lr = recipe.lr * (recipe.cross_lr_scale if mode == "cross" else 1.0)
-    ground = recipe.ground_weight if mode == "inline" else 0.0
+    ground = recipe.ground_weight if grounded(recipe, mode) else 0.0
     return [Stage("align", recipe.steps_align, lr, ("connector",), ALIGN_MIX, budget_s=recipe.budget_align_s),
             Stage("joint", recipe.steps_joint, lr, joint_parts, replace(JOINT_MIX, ground=ground > 0), budget_s=recipe.budget_joint_s,
                   vision_lr_scale=recipe.vision_lr_scale, ground_weight=ground)]
