@@ -8,8 +8,14 @@
     python benchmarks/scaling_diag.py train --out runs/scaling-diag/depth4 --set depth=4 -- 8:0,1,2 64:0,1
     # fit some widths (pure power law, as the ladder) and predict a held-out width, its seeds averaged
     python benchmarks/scaling_diag.py backtest --fit 8,12,16,20 --held 88 runs/scaling-cpu/runs.jsonl runs/scaling-diag/base/runs.jsonl
+    # the same on a 6ND compute axis (attention-score FLOPs not counted), with the seed-bootstrap spread of the prediction
+    python benchmarks/scaling_diag.py backtest --fit 8,12,16,20 --held 128 --convention 6nd --bootstrap 1000 runs/scaling-diag/fixattn/runs.jsonl
     # how much seed noise moves the ladder's own prediction (at the target's compute, 9.1e12 FLOPs)
     python benchmarks/scaling_diag.py backtest --fit 8,12,16,20,24 --at-flops 9.1e12 --bootstrap 500 runs/scaling-cpu/runs.jsonl
+    # Chinchilla approach 1: runs of several token budgets per width (--set tokens_per_param=R), seeds averaged; fit
+    # the compute frontier (the runs no cheaper run beats) and N_opt(C), place a held-out run on it, then score it
+    python benchmarks/scaling_diag.py frontier --max-flops 6.6e10 --at-flops 6.6e12 runs/scaling-diag/frontier/runs.jsonl
+    python benchmarks/scaling_diag.py frontier --max-flops 6.6e10 --held width84-r12.3 runs/scaling-diag/frontier/runs.jsonl
     # validation loss by position inside the document (WordNet entry), per run folder
     python benchmarks/scaling_diag.py positions runs/scaling-cpu/width8-r20 runs/scaling-diag/base/width88-r20
 
@@ -71,7 +77,7 @@ def cmd_train(args) -> None:
 def cmd_backtest(args) -> None:
     import numpy as np
 
-    from omnigpt.scaling.fit import fit_power_law
+    from omnigpt.scaling.fit import ScalingError, fit_power_law
 
     runs = {}
     for f in args.runs:
@@ -82,27 +88,89 @@ def cmd_backtest(args) -> None:
     fit_w = [int(v) for v in args.fit.split(",")]
     fit = [r for r in runs.values() if r["value"] in fit_w]
     held = [r for r in runs.values() if r["value"] == args.held]
-    law = fit_power_law([r["flops"] for r in fit], [r["val_loss"] for r in fit], irreducible=0)
-    C = args.at_flops or held[0]["flops"]
+    # compute axis: omnigpt's 6N + 12 L H hd T (the records' flops), or 6ND (attention scores not counted, as Kaplan/Chinchilla)
+    flops = (lambda r: r["flops"]) if args.convention == "omnigpt" else (lambda r: 6.0 * r["params"] * r["tokens"])
+    law = fit_power_law([flops(r) for r in fit], [r["val_loss"] for r in fit], irreducible=0)
+    C = args.at_flops or flops(held[0])
     pred = float(law(C))
     if args.bootstrap:  # resample the seeds of each fitted width, refit, predict again
         rng = np.random.default_rng(0)
         by = [[r for r in fit if r["value"] == w] for w in fit_w]
         boot = []
+        refused = 0
         for _ in range(args.bootstrap):
             pick = [g[i] for g in by for i in rng.integers(0, len(g), len(g))]
-            boot.append(float(fit_power_law([r["flops"] for r in pick], [r["val_loss"] for r in pick], irreducible=0)(C)))
+            try:
+                boot.append(float(fit_power_law([flops(r) for r in pick], [r["val_loss"] for r in pick], irreducible=0)(C)))
+            except ScalingError:  # a resample whose loss does not fall with compute
+                refused += 1
         lo, hi = np.quantile(boot, [0.05, 0.95])
         print(f"prediction at C={C:.3g}: {pred:.4f}, seed-bootstrap 90% interval [{lo:.4f}, {hi:.4f}] "
-              f"(sd {100 * np.std(boot) / pred:.2f}%)")
+              f"(sd {100 * np.std(boot) / pred:.2f}%; {refused} of {args.bootstrap} resamples refused)")
     if not held:
         return
     ys = np.array([r["val_loss"] for r in held])
     sem = ys.std(ddof=1) / math.sqrt(len(ys)) if len(ys) > 1 else float("nan")
-    print(f"fit widths {fit_w} ({len(fit)} runs, largest 1/{C / max(r['flops'] for r in fit):.0f} of width {args.held}): "
+    print(f"fit widths {fit_w} ({len(fit)} runs, largest 1/{C / max(flops(r) for r in fit):.0f} of width {args.held}, "
+          f"{args.convention} FLOPs): "
           f"{law.describe()}")
     print(f"width {args.held}: predicted {pred:.4f}, actual {ys.mean():.4f} +- {sem:.4f} (mean +- s.e. of {len(ys)} seeds: "
           f"{', '.join(f'{y:.4f}' for y in ys)}), error {100 * (pred / ys.mean() - 1):+.2f}%")
+
+
+def cmd_frontier(args) -> None:
+    """Chinchilla's approach 1 on final losses: average the seeds of each (width, token budget), keep the frontier (each
+    point lower than every point of less or equal compute), fit L(C) (pure power law, the seed runs of the frontier
+    points) and N_opt(C) (a line in log-log), and place a held-out run at --at-flops on it: the width whose N is
+    nearest N_opt(C) (a multiple of 4), its tokens per parameter set so that its compute is C."""
+    import numpy as np
+
+    from omnigpt.scaling.fit import fit_power_law
+    from omnigpt.scaling.ladder import LadderSpec, plan_run
+
+    runs = {}
+    for f in args.runs:
+        for line in Path(f).read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                runs.setdefault(r["name"], r)
+    groups = {}
+    for r in runs.values():
+        groups.setdefault(r["name"].rsplit("-s", 1)[0] if "-s" in r["name"] else r["name"], []).append(r)
+    pts = sorted(((g[0]["flops"], float(np.mean([r["val_loss"] for r in g])), g[0]["params"], k, g) for k, g in groups.items()
+                  if g[0]["flops"] <= args.max_flops), key=lambda t: t[0])
+    front, best = [], float("inf")
+    print("width-budget      C        N   seeds  mean loss  frontier")
+    for C, L, N, k, g in pts:
+        on = L < best
+        best = min(best, L)
+        if on:
+            front.append((C, L, N, k, g))
+        print(f"{k:14s} {C:9.3g} {N:7d} {len(g):5d} {L:10.4f}  {'*' if on else ''}")
+    fit_runs = [r for *_, g in front for r in g]
+    law = fit_power_law([r["flops"] for r in fit_runs], [r["val_loss"] for r in fit_runs], irreducible=0)
+    lc, ln = np.log([p[0] for p in front]), np.log([p[2] for p in front])
+    slope, icpt = np.polyfit(lc, ln, 1)
+    print(f"frontier: {len(front)} points ({len(fit_runs)} runs); {law.describe()}, rms log {law.rms_log:.4f}; "
+          f"N_opt(C) = {np.exp(icpt):.4g} * C^{slope:.3f}")
+    spec = LadderSpec(downstream="", mc_items=0)
+    if args.at_flops:
+        n_opt = float(np.exp(icpt + slope * np.log(args.at_flops)))
+        width = min(range(8, 257, 4), key=lambda w: abs(math.log(plan_run(w, spec, 320).params / n_opt)))
+        cfg = plan_run(width, spec, 320).cfg
+        ratio = round(args.at_flops / cfg.flops_per_token(spec.seq_len) / cfg.param_counts()["active_matmul"], 2)
+        p = plan_run(width, spec, 320, tokens_per_param=ratio)
+        print(f"at C={args.at_flops:.3g}: N_opt {n_opt:.4g} -> held-out width {width} (N {p.params}) at {ratio:g} tokens per "
+              f"parameter: {p.steps} steps, C={p.flops:.4g} (largest frontier run 1/{p.flops / max(r['flops'] for r in fit_runs):.0f}); "
+              f"predicted loss {float(law(p.flops)):.4f}")
+    if args.held:
+        held = [r for r in runs.values() if r["name"] == args.held or r["name"].startswith(args.held + "-s")]
+        ys = np.array([r["val_loss"] for r in held])
+        C = held[0]["flops"]
+        pred = float(law(C))
+        sem = ys.std(ddof=1) / math.sqrt(len(ys)) if len(ys) > 1 else float("nan")
+        print(f"{args.held} (C={C:.4g}, largest frontier run 1/{C / max(r['flops'] for r in fit_runs):.0f}): predicted {pred:.4f}, "
+              f"actual {ys.mean():.4f} +- {sem:.4f} ({', '.join(f'{y:.4f}' for y in ys)}), error {100 * (pred / ys.mean() - 1):+.2f}%")
 
 
 def cmd_positions(args) -> None:
@@ -147,13 +215,20 @@ def main() -> None:
     b.add_argument("--held", type=int, default=0, help="the held-out width, its seeds averaged")
     b.add_argument("--at-flops", type=float, help="predict at this compute instead of the held-out width's")
     b.add_argument("--bootstrap", type=int, default=0, help="seed-bootstrap resamples of the fit (0: none)")
+    b.add_argument("--convention", choices=["omnigpt", "6nd"], default="omnigpt",
+                   help="compute axis: omnigpt's 6N + 12 L H hd T, or 6ND (attention scores not counted)")
     b.add_argument("runs", nargs="+", metavar="RUNS.jsonl")
+    fr = sub.add_parser("frontier")
+    fr.add_argument("--max-flops", type=float, required=True, help="fit only runs of at most this compute")
+    fr.add_argument("--at-flops", type=float, help="place a held-out run of this compute on the fitted frontier")
+    fr.add_argument("--held", help="score the runs of this name (without -sSEED), seeds averaged")
+    fr.add_argument("runs", nargs="+", metavar="RUNS.jsonl")
     p = sub.add_parser("positions")
     p.add_argument("--data", default=str(CORPUS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("dirs", nargs="+")
     args = ap.parse_args()
-    {"train": cmd_train, "backtest": cmd_backtest, "positions": cmd_positions}[args.cmd](args)
+    {"train": cmd_train, "backtest": cmd_backtest, "frontier": cmd_frontier, "positions": cmd_positions}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 The family (`LadderSpec`): one dial sets the size and everything else derives from it.
     dial "depth": n_layers = v, d_model = aspect * v      (DESIGN.md's convention; coarse at small sizes)
     dial "width": d_model = v, n_layers = depth            (fine steps: what a CPU ladder needs)
-    heads: a fixed count (n_heads), or d_model / head_dim; full multi-head; d_ff = 8/3 d_model rounded to 8; untied head.
+    heads: a fixed count (n_heads), or d_model / head_dim; or, with fixed_attention, n_heads x head_dim at every size; full multi-head; d_ff = 8/3 d_model rounded to 8; untied head.
 N is the config's matmul parameter count (`param_counts()["active_matmul"]`: what 6N counts), D the training
 tokens, C = flops_per_token(seq_len) * D (omnigpt's FLOPs convention, omnigpt/config.py).
 
@@ -41,6 +41,7 @@ class LadderSpec:
     aspect: int = 32  # d_model per layer when dial == "depth"
     head_dim: int = 16  # heads = d_model / head_dim ...
     n_heads: int | None = 2  # ... unless the head count is fixed (head_dim = d_model / n_heads): lets widths step by 4
+    fixed_attention: bool = False  # n_heads x head_dim attention at every size, whatever d_model (the dial moves the rest)
     seq_len: int = 128
     tokens_per_param: float | None = 20.0  # compute-optimal style budget D = r * N ...
     tokens: int | None = None  # ... or a fixed budget for every run
@@ -73,10 +74,15 @@ def family_config(value: int, spec: LadderSpec, vocab_size: int) -> ModelConfig:
         n_layers, d_model = value, spec.aspect * value
     else:
         n_layers, d_model = spec.depth, value
+    d_ff = max(8, int(round(8 * d_model / 3 / 8)) * 8)
+    if spec.fixed_attention:  # the same context machinery at every size: q/k/v of n_heads x head_dim, projected from d_model
+        if not spec.n_heads:
+            raise ValueError("fixed_attention needs a fixed head count (n_heads)")
+        return ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=spec.n_heads, n_kv_heads=spec.n_heads,
+                           head_dim=spec.head_dim, d_ff=d_ff, max_seq_len=spec.seq_len)
     heads = spec.n_heads or max(1, d_model // spec.head_dim)
     if d_model % heads or (d_model // heads) % 2:
         raise ValueError(f"d_model={d_model} does not split into {heads} heads of an even size")
-    d_ff = max(8, int(round(8 * d_model / 3 / 8)) * 8)
     return ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=heads, n_kv_heads=heads,
                        d_ff=d_ff, max_seq_len=spec.seq_len)
 
@@ -247,6 +253,8 @@ def recipe_key(spec: LadderSpec, corpus_dir: str | Path) -> dict:
     from omnigpt.data.shards import read_manifest
 
     key = {k: v for k, v in asdict(spec).items() if k not in ("seed", "device")}
+    if not spec.fixed_attention:
+        del key["fixed_attention"]  # added later: runs recorded before it still match their recipe
     key["tokenizer_sha256"] = read_manifest(corpus_dir)["tokenizer"].get("sha256")
     return key
 
