@@ -10,6 +10,8 @@
     python benchmarks/scaling_diag.py backtest --fit 8,12,16,20 --held 88 runs/scaling-cpu/runs.jsonl runs/scaling-diag/base/runs.jsonl
     # the same on a 6ND compute axis (attention-score FLOPs not counted), with the seed-bootstrap spread of the prediction
     python benchmarks/scaling_diag.py backtest --fit 8,12,16,20 --held 128 --convention 6nd --bootstrap 1000 runs/scaling-diag/fixattn/runs.jsonl
+    # pre-register a prediction for a width not yet trained (planned with the fit runs' recipe), written as JSON
+    python benchmarks/scaling_diag.py backtest --fit 8,12,16,20 --predict-width 160 --convention 6nd --bootstrap 1000 --write PRED.json runs/scaling-diag/fixattn/runs.jsonl
     # how much seed noise moves the ladder's own prediction (at the target's compute, 9.1e12 FLOPs)
     python benchmarks/scaling_diag.py backtest --fit 8,12,16,20,24 --at-flops 9.1e12 --bootstrap 500 runs/scaling-cpu/runs.jsonl
     # Chinchilla approach 1: runs of several token budgets per width (--set tokens_per_param=R), seeds averaged; fit
@@ -91,7 +93,30 @@ def cmd_backtest(args) -> None:
     # compute axis: omnigpt's 6N + 12 L H hd T (the records' flops), or 6ND (attention scores not counted, as Kaplan/Chinchilla)
     flops = (lambda r: r["flops"]) if args.convention == "omnigpt" else (lambda r: 6.0 * r["params"] * r["tokens"])
     law = fit_power_law([flops(r) for r in fit], [r["val_loss"] for r in fit], irreducible=0)
-    C = args.at_flops or flops(held[0])
+    target = None
+    if getattr(args, "predict_width", 0):  # a width nobody has trained: plan it with the fit runs' own recipe
+        from omnigpt.data.shards import read_manifest
+        from omnigpt.scaling.ladder import LadderSpec, plan_run
+
+        specs = {json.dumps(r["spec"], sort_keys=True) for r in fit}
+        if len(specs) != 1:
+            raise SystemExit(f"--predict-width: the fit runs have {len(specs)} recipes, not one")
+        p = plan_run(args.predict_width, LadderSpec(**fit[0]["spec"]), fit[0]["model"]["vocab_size"])
+        c6 = {"omnigpt": p.flops, "6nd": 6.0 * p.params * p.tokens}
+        corpus = Path(getattr(args, "data", None) or CORPUS)
+        train_tokens = sum(s["train"]["tokens"] for s in read_manifest(corpus)["sources"].values())
+        target = {"width": args.predict_width, "params": p.params, "tokens": p.tokens, "steps": p.steps,
+                  "flops_omnigpt": p.flops, "flops_6nd": c6["6nd"], "epochs": p.tokens / train_tokens,
+                  "corpus_train_tokens": train_tokens,
+                  "largest_fit_fraction_omnigpt": max(r["flops"] for r in fit) / p.flops,
+                  "largest_fit_fraction_6nd": max(6.0 * r["params"] * r["tokens"] for r in fit) / c6["6nd"]}
+        print(f"width {p.value} planned from the fit runs' recipe: N {p.params:,}, D {p.tokens:,} ({p.steps} steps, "
+              f"{target['epochs']:.3f} epochs of {corpus.name}'s {train_tokens:,} training tokens), C omnigpt {p.flops:.4g}, "
+              f"6ND {c6['6nd']:.4g}; largest fit run 1/{1 / target['largest_fit_fraction_omnigpt']:.0f} (omnigpt), "
+              f"1/{1 / target['largest_fit_fraction_6nd']:.0f} (6ND)")
+        C = c6[args.convention]
+    else:
+        C = args.at_flops or flops(held[0])
     pred = float(law(C))
     if args.bootstrap:  # resample the seeds of each fitted width, refit, predict again
         rng = np.random.default_rng(0)
@@ -107,6 +132,17 @@ def cmd_backtest(args) -> None:
         lo, hi = np.quantile(boot, [0.05, 0.95])
         print(f"prediction at C={C:.3g}: {pred:.4f}, seed-bootstrap 90% interval [{lo:.4f}, {hi:.4f}] "
               f"(sd {100 * np.std(boot) / pred:.2f}%; {refused} of {args.bootstrap} resamples refused)")
+    if target is not None:
+        print(f"fit widths {fit_w} ({len(fit)} runs, {args.convention} FLOPs): {law.describe()}, rms log {law.rms_log:.4f}")
+        print(f"width {target['width']}: predicted {pred:.4f} at C={C:.4g} ({args.convention})")
+        if getattr(args, "write", None):
+            rec = {"fit_widths": fit_w, "fit_runs": len(fit), "convention": args.convention, "law": law.to_dict(),
+                   "at_flops": C, "predicted": pred, **target}
+            if args.bootstrap:
+                rec.update({"bootstrap": args.bootstrap, "bootstrap_refused": refused, "interval90": [float(lo), float(hi)],
+                            "bootstrap_sd_frac": float(np.std(boot) / pred)})
+            Path(args.write).write_text(json.dumps(rec, indent=1) + "\n")
+            print(f"wrote {args.write}")
     if not held:
         return
     ys = np.array([r["val_loss"] for r in held])
@@ -217,6 +253,10 @@ def main() -> None:
     b.add_argument("--bootstrap", type=int, default=0, help="seed-bootstrap resamples of the fit (0: none)")
     b.add_argument("--convention", choices=["omnigpt", "6nd"], default="omnigpt",
                    help="compute axis: omnigpt's 6N + 12 L H hd T, or 6ND (attention scores not counted)")
+    b.add_argument("--predict-width", type=int, default=0,
+                   help="predict a width not yet trained: plan it with the fit runs' recipe (its compute on --convention's axis)")
+    b.add_argument("--data", default=str(CORPUS), help="with --predict-width: the corpus whose epochs are counted")
+    b.add_argument("--write", help="with --predict-width: write the prediction (JSON) here")
     b.add_argument("runs", nargs="+", metavar="RUNS.jsonl")
     fr = sub.add_parser("frontier")
     fr.add_argument("--max-flops", type=float, required=True, help="fit only runs of at most this compute")
