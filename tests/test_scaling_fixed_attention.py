@@ -65,6 +65,35 @@ def test_scaling_diag_backtest_on_a_6nd_axis(tmp_path, capsys):
     assert "omnigpt FLOPs" in out and "error +0.00%" not in out and "error -0.00%" not in out
 
 
+def test_scaling_diag_backtest_predicts_an_untrained_width(tmp_path, capsys):
+    """backtest --predict-width plans the width with the fit runs' recorded recipe and predicts without a held-out run."""
+    import json
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    from omnigpt.train.synthetic import write_synthetic_corpus
+
+    write_synthetic_corpus(tmp_path / "corpus", {"alpha": 4}, vocab=64, val_docs=1)
+    spec = LadderSpec(fixed_attention=True, downstream="", mc_items=0)
+    lines = []
+    for width in (8, 12, 16, 20):
+        p = plan_run(width, spec, 320)
+        loss = 3.0 * (6 * p.params * p.tokens / 1e10) ** -0.06
+        lines.append(json.dumps({"name": p.name, "value": width, "flops": p.flops, "params": p.params, "tokens": p.tokens,
+                                 "val_loss": loss, "spec": asdict(spec), "model": p.cfg.to_dict()}))
+    (tmp_path / "runs.jsonl").write_text("\n".join(lines) + "\n")
+    diag = _scaling_diag()
+    args = SimpleNamespace(runs=[str(tmp_path / "runs.jsonl")], fit="8,12,16,20", held=0, at_flops=None, bootstrap=20,
+                           convention="6nd", predict_width=160, data=str(tmp_path / "corpus"), write=str(tmp_path / "pred.json"))
+    diag.cmd_backtest(args)
+    assert "width 160: predicted" in capsys.readouterr().out
+    rec = json.loads((tmp_path / "pred.json").read_text())
+    t = plan_run(160, spec, 320)
+    assert (rec["params"], rec["tokens"], rec["flops_omnigpt"]) == (t.params, t.tokens, t.flops)
+    assert rec["predicted"] == pytest.approx(3.0 * (6 * t.params * t.tokens / 1e10) ** -0.06, rel=1e-6)
+    assert rec["largest_fit_fraction_omnigpt"] == pytest.approx(plan_run(20, spec, 320).flops / t.flops)
+    assert rec["epochs"] > 0 and len(rec["interval90"]) == 2
+
 def test_scaling_diag_frontier_keeps_cheapest_winners_and_places_held_out(tmp_path, capsys):
     """benchmarks/scaling_diag.py frontier (Chinchilla approach 1 on final losses) on runs of a known law."""
     import json
