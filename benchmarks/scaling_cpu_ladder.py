@@ -11,11 +11,17 @@ on the embedding/head and the loss curve steepened past width 32 (benchmarks/RES
 script falls back to the synthetic Markov corpus of omnigpt.train.synthetic (the downstream metrics are skipped:
 they need dictionary entries).
 
-Family: width dial at depth 2, 2 heads, SwiGLU, seq 128; every run trains on 20 tokens per matmul parameter in
-batches of 4 x 128 tokens with AdamW at lr 5e-3 * 64/width (omnigpt.scaling.ladder.LadderSpec). Fit runs: widths
-8-24 x 5 seeds (24 uses 1/104 of the target's compute); target width 96. One command:
+Recipe: width dial at depth 2, SwiGLU, seq 128; every run trains on 20 tokens per matmul parameter in batches of
+4 x 128 tokens with AdamW at lr 5e-3 * 64/width (omnigpt.scaling.ladder.LadderSpec). Two families:
 
-    omnigpt scaling predict --data CORPUS --out OUT --values 8,12,16,20,24 --seeds 0,1,2,3,4 --target 96 --threads 1 ...
+- fixed-attention (default): 2 heads x 16 dims of attention at every width, the dial moving the residual stream,
+  MLP and embeddings, so the small members use context as the large ones do; the law is fitted against 6ND.
+  Fit runs: widths 8-20 x 20 seeds (width 20 uses 1/408 of the target's FLOPs); target width 160.
+- ladder (--family ladder): 2 heads of width/2 dims; fitted against FLOPs; widths 8-24 x 5 seeds (24: 1/104);
+  target width 96. Its loss curve steepens past the fit range (benchmarks/RESULTS.md): +3.7%.
+
+    omnigpt scaling predict --data CORPUS --out OUT --values 8,12,16,20 --seeds 0,...,19 --target 160 \
+        --fixed-attention --n-heads 2 --head-dim 16 --fit-axis 6nd --threads 1 ...
 """
 
 from __future__ import annotations
@@ -36,6 +42,11 @@ RECIPE = ["--dial", "width", "--depth", "2", "--seq-len", "128", "--tokens-per-p
           "--downstream", "dict-cont", "--mc-items", "600", "--irreducible", "0",
           "--downstream-metric", "mc_logp_pass,mc_logp_correct,mc_acc"]
 VOCAB = 320  # byte-level BPE ids of the ladders' corpora
+FAMILIES = {  # extra flags, fit values, seeds, target
+    "fixed-attention": (["--fixed-attention", "--n-heads", "2", "--head-dim", "16", "--fit-axis", "6nd"],
+                        "8,12,16,20", ",".join(map(str, range(20))), "160"),
+    "ladder": (["--n-heads", "2", "--fit-axis", "flops"], "8,12,16,20,24", "0,1,2,3,4", "96"),
+}
 
 
 def ensure_corpus(path: Path, sources: str = "dict-wn") -> Path:
@@ -72,20 +83,24 @@ def print_table(doc: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(ROOT / "runs" / "corpora" / f"wn{VOCAB}"))
-    ap.add_argument("--out", default=str(ROOT / "runs" / "scaling-cpu"))
-    ap.add_argument("--values", default="8,12,16,20,24")  # the largest, 24, is 1/104 of the target's compute
-    ap.add_argument("--seeds", default="0,1,2,3,4")
-    ap.add_argument("--target", default="96")
+    ap.add_argument("--family", choices=list(FAMILIES), default="fixed-attention")
+    ap.add_argument("--out", help="default runs/scaling-cpu-fixattn (fixed-attention) or runs/scaling-cpu (ladder)")
+    ap.add_argument("--values", help="fit widths (default: the family's)")
+    ap.add_argument("--seeds", help="seeds of every fit width (default: the family's)")
+    ap.add_argument("--target", help="target width (default: the family's)")
     ap.add_argument("--threads", default="1")
     args = ap.parse_args()
+    flags, values, seeds, target = FAMILIES[args.family]
+    out = args.out or str(ROOT / "runs" / ("scaling-cpu-fixattn" if args.family == "fixed-attention" else "scaling-cpu"))
     data = ensure_corpus(Path(args.data))
-    cmd = [sys.executable, "-m", "omnigpt.cli", "scaling", "predict", "--data", str(data), "--out", args.out,
-           "--values", args.values, "--seeds", args.seeds, "--target", args.target, "--threads", args.threads, *RECIPE]
+    cmd = [sys.executable, "-m", "omnigpt.cli", "scaling", "predict", "--data", str(data), "--out", out,
+           "--values", args.values or values, "--seeds", args.seeds or seeds, "--target", args.target or target,
+           "--threads", args.threads, *RECIPE, *flags]
     print("+", " ".join(cmd), flush=True)
     t0 = time.time()
     rc = subprocess.run(cmd, cwd=ROOT).returncode
     wall = time.time() - t0
-    pred = Path(args.out) / "prediction.json"
+    pred = Path(out) / "prediction.json"
     if pred.is_file():
         doc = json.loads(pred.read_text())
         doc["wall_seconds"] = round(wall, 1)

@@ -95,6 +95,27 @@ def test_predict_refuses_diverged_runs_and_oversized_runs():
         predict(good[:2], "big", 1e12)
 
 
+def test_predict_on_the_6nd_axis_budgets_in_flops():
+    from omnigpt.scaling.predict import axis_compute
+
+    # losses that follow a power law in 6ND while the FLOPs (with attention) grow differently
+    six_nd = [6.0 * 1000 * (i + 1) * 20000 * (i + 1) for i in range(4)]
+    good = records(law(six_nd), flops=(3e9, 4e9, 6e9, 9e9))
+    assert [axis_compute(r, "6nd") for r in good] == six_nd
+    target_6nd = 6.0 * 30_000 * 600_000
+    pred, _ = predict(good, "big", 1e12, max_fraction=0.01, axis="6nd", target_compute=target_6nd)
+    assert pred.predicted == pytest.approx(float(law(target_6nd)), rel=1e-4) and pred.axis == "6nd"
+    assert pred.largest_fraction == pytest.approx(9e9 / 1e12)  # the budget stays in FLOPs
+    on_flops, _ = predict(good, "big", 1e12, max_fraction=0.01)
+    assert abs(on_flops.predicted / pred.predicted - 1) > 0.01  # the axis matters
+    with pytest.raises(ScalingError, match="1/100"):
+        predict(good, "big", 1e11, axis="6nd", target_compute=target_6nd)  # 9e9 FLOPs is 1/11 of 1e11
+    with pytest.raises(ValueError, match="target_compute"):
+        predict(good, "big", 1e12, axis="6nd")
+    with pytest.raises(ValueError, match="unknown fit axis"):
+        axis_compute(good[0], "kaplan")
+
+
 def test_backtest_chooses_between_fitted_floor_and_pure_power_law():
     from omnigpt.scaling.predict import choose_floor
 
@@ -154,6 +175,24 @@ def test_scaling_cli_sweeps_tiny_runs_and_refuses_oversized_fit(tmp_path, capsys
     # Resumable: a second sweep trains nothing new.
     assert main(["scaling", "sweep", "--values", "8,12,16", *common]) == 0
     assert len((tmp_path / "ladder" / "runs.jsonl").read_text().splitlines()) == 3
+    # the same runs fitted against 6ND instead of FLOPs
+    capsys.readouterr()
+    assert main(["scaling", "fit", str(tmp_path / "ladder" / "runs.jsonl"), "--fit-axis", "6nd"]) == 0
+    assert '"axis": "6nd"' in capsys.readouterr().out
+
+
+def test_family_flags_reach_the_spec():
+    from omnigpt.cli import build_parser
+    from omnigpt.scaling.commands import _spec
+
+    args = build_parser().parse_args(["scaling", "sweep", "--values", "8", "--data", "d", "--out", "o",
+                                      "--fixed-attention", "--n-heads", "2", "--head-dim", "16", "--fit-axis", "6nd"])
+    spec = _spec(args)
+    assert (spec.fixed_attention, spec.n_heads, spec.head_dim, args.fit_axis) == (True, 2, 16, "6nd")
+    cfg = plan_run(40, spec, 320).cfg
+    assert (cfg.d_model, cfg.n_heads, cfg.head_dim) == (40, 2, 16)  # attention independent of the width
+    plain = _spec(build_parser().parse_args(["scaling", "sweep", "--values", "8", "--data", "d", "--out", "o"]))
+    assert not plain.fixed_attention and plain.n_heads == LadderSpec().n_heads
 
 
 def test_plan_fixed_batch_or_fixed_steps():

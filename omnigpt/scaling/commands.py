@@ -30,11 +30,16 @@ def _family_args(p) -> None:
     d = LadderSpec()
     p.add_argument("--data", required=True, metavar="CORPUS", help="corpus directory (omnigpt data build) with a val split")
     p.add_argument("--out", required=True, metavar="DIR", help="runs.jsonl, one folder per run, fits and plots")
+    _axis_arg(p)
     f = p.add_argument_group("model family (one size dial)")
     f.add_argument("--dial", choices=("width", "depth"), default=d.dial)
     f.add_argument("--depth", type=int, default=d.depth, help="n_layers when --dial width")
     f.add_argument("--aspect", type=int, default=d.aspect, help="d_model per layer when --dial depth")
     f.add_argument("--head-dim", type=int, default=d.head_dim)
+    f.add_argument("--n-heads", type=int, help=f"a fixed head count (default {d.n_heads}; 0: d_model / --head-dim heads)")
+    f.add_argument("--fixed-attention", action="store_true", default=None,
+                   help="--n-heads x --head-dim attention at every size: the dial moves the residual width, MLP and "
+                        "embeddings, and small members have the same context machinery as large ones")
     f.add_argument("--seq-len", type=int, default=d.seq_len)
     b = f.add_mutually_exclusive_group()
     b.add_argument("--tokens-per-param", type=float, default=None, help=f"D = r * N (default {d.tokens_per_param:g})")
@@ -58,6 +63,14 @@ def _family_args(p) -> None:
     o.add_argument("--mc-items", type=int, default=d.mc_items)
     o.add_argument("--device", choices=("cpu", "cuda"))
     o.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
+
+
+def _axis_arg(p) -> None:
+    from omnigpt.scaling.predict import FIT_AXES
+
+    p.add_argument("--fit-axis", choices=list(FIT_AXES), default="flops",
+                   help="compute axis of the fitted law: " + "; ".join(f"{k}: {v}" for k, v in FIT_AXES.items())
+                        + ". The 1/100 (1/1000) budget rule is always in FLOPs")
 
 
 def _spec(args):
@@ -99,6 +112,7 @@ def add_commands(subparsers) -> None:
     f.add_argument("runs", help="runs.jsonl written by a sweep")
     f.add_argument("--metric", default="val_loss")
     f.add_argument("--plot", help="PNG of the fit")
+    _axis_arg(f)
     f.set_defaults(func=cmd_fit)
 
     q = sub.add_parser("predict", help="predict a target run's loss from small runs, then train it and report the error")
@@ -122,15 +136,16 @@ def add_commands(subparsers) -> None:
 
 
 # ---- fit -------------------------------------------------------------------------------------------------------
-def fit_records(records: list[dict], metric: str = "val_loss") -> dict:
-    """L(C) on every run, and L(N,D) when tokens-per-parameter varies. Raises ScalingError when it should not fit."""
+def fit_records(records: list[dict], metric: str = "val_loss", axis: str = "flops") -> dict:
+    """L(C) on every run (C on the fit axis), and L(N,D) when tokens-per-parameter varies. Raises ScalingError when
+    it should not fit."""
     from omnigpt.scaling.fit import both_vary, fit_chinchilla
-    from omnigpt.scaling.predict import METRICS, check_runs, to_fitted
+    from omnigpt.scaling.predict import METRICS, axis_compute, check_runs, to_fitted
     from omnigpt.scaling.fit import fit_power_law
 
     check_runs(records, metric)
-    C = [r["flops"] for r in records]
-    out = {"metric": metric, "runs": [r["name"] for r in records]}
+    C = [axis_compute(r, axis) for r in records]
+    out = {"metric": metric, "axis": axis, "runs": [r["name"] for r in records]}
     law = fit_power_law(C, to_fitted(metric, [r[metric] for r in records]), what=METRICS.get(metric, (0, metric))[1],
                         names=out["runs"])
     out["L(C)"] = {**law.to_dict(), "formula": law.describe()}
@@ -141,13 +156,13 @@ def fit_records(records: list[dict], metric: str = "val_loss") -> dict:
     return out, law
 
 
-def _plot_fit(records, law, metric, path, title) -> None:
-    from omnigpt.scaling.predict import Prediction, plot_prediction
+def _plot_fit(records, law, metric, path, title, axis: str = "flops") -> None:
+    from omnigpt.scaling.predict import Prediction, axis_compute, plot_prediction
 
-    top = max(r["flops"] for r in records)
-    pred = Prediction(metric=metric, target="largest run", target_flops=top, predicted=float("nan"), law=law.to_dict(),
-                      fit_runs=[], largest_fraction=1.0)
-    pred.predicted = float(law(top))
+    top = max(records, key=lambda r: r["flops"])
+    Ct = axis_compute(top, axis)
+    pred = Prediction(metric=metric, target="largest run", target_flops=top["flops"], predicted=float(law(Ct)),
+                      law=law.to_dict(), fit_runs=[], largest_fraction=1.0, axis=axis, target_compute=Ct)
     plot_prediction(records, law, pred, path, title=title)
 
 
@@ -165,9 +180,9 @@ def cmd_sweep(args) -> int:
     ratios = [float(r) for r in args.ratios.split(",")] if args.ratios else None
     records = sweep(_ints(args.values), spec, args.data, args.out, ratios=ratios, seeds=_seeds(args))
     out = Path(args.out)
-    fit, law = fit_records(records)
+    fit, law = fit_records(records, axis=args.fit_axis)
     (out / "fit.json").write_text(json.dumps(fit, indent=2) + "\n")
-    _plot_fit(records, law, "val_loss", out / "fit.png", f"{len(records)} runs along {spec.dial}")
+    _plot_fit(records, law, "val_loss", out / "fit.png", f"{len(records)} runs along {spec.dial}", args.fit_axis)
     _print_fit(fit)
     print(f"[scaling] runs: {out / 'runs.jsonl'}; fit: {out / 'fit.json'}, {out / 'fit.png'}")
     return 0
@@ -179,11 +194,11 @@ def cmd_fit(args) -> int:
     records = read_runs(args.runs)
     if not records:
         raise ValueError(f"{args.runs}: no runs")
-    fit, law = fit_records(records, args.metric)
+    fit, law = fit_records(records, args.metric, args.fit_axis)
     _print_fit(fit)
     print(json.dumps(fit, indent=2))
     if args.plot:
-        _plot_fit(records, law, args.metric, args.plot, f"{len(records)} runs")
+        _plot_fit(records, law, args.metric, args.plot, f"{len(records)} runs", args.fit_axis)
     return 0
 
 
@@ -193,7 +208,7 @@ def cmd_predict(args) -> int:
 
     from omnigpt.scaling.fit import ScalingError
     from omnigpt.scaling.ladder import append_run, corpus_vocab, downstream_items, plan_run, read_runs, run_one, sweep
-    from omnigpt.scaling.predict import plot_prediction, predict, score
+    from omnigpt.scaling.predict import axis_compute, plot_prediction, predict, score
 
     _setup(args)
     spec = _spec(args)
@@ -219,7 +234,8 @@ def cmd_predict(args) -> int:
             floor = float(args.irreducible)
         except ValueError:
             raise ValueError(f"--irreducible {args.irreducible!r}: expected auto, fit or a number") from None
-    pred, laws["val_loss"] = predict(records, target.name, target.flops, max_fraction=max_fraction, irreducible=floor)
+    on_axis = dict(axis=args.fit_axis, target_compute=axis_compute(vars(target), args.fit_axis))
+    pred, laws["val_loss"] = predict(records, target.name, target.flops, max_fraction=max_fraction, irreducible=floor, **on_axis)
     preds["val_loss"] = pred
     if pred.extra.get("chosen"):
         errs = ", ".join(f"{k} {100 * v:.2f}%" for k, v in pred.extra["backtest_error"].items())
@@ -231,7 +247,7 @@ def cmd_predict(args) -> int:
             continue
         try:
             p2, laws[dm] = predict(records, target.name, target.flops, metric=dm,
-                                   max_fraction=args.downstream_max_fraction or max_fraction, irreducible=floor)
+                                   max_fraction=args.downstream_max_fraction or max_fraction, irreducible=floor, **on_axis)
             preds[dm] = p2
             print(f"[scaling] predicted {dm} of {target.name}: {p2.predicted:.4f}")
         except ScalingError as e:
@@ -241,7 +257,8 @@ def cmd_predict(args) -> int:
     def predictions() -> dict:
         return {**{k: v.to_dict() for k, v in preds.items()}, **refused}
 
-    doc = {"target": {"name": target.name, "params": target.params, "tokens": target.tokens, "flops": target.flops},
+    doc = {"target": {"name": target.name, "params": target.params, "tokens": target.tokens, "flops": target.flops,
+                      "fit_axis": args.fit_axis, "compute_on_axis": on_axis["target_compute"]},
            "recipe": {k: v for k, v in vars(spec).items() if k not in ("device",)},
            "max_fraction": max_fraction, "predictions": predictions()}
     (out / "prediction.json").write_text(json.dumps(doc, indent=2) + "\n")  # on disk before the target trains

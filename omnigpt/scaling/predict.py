@@ -78,18 +78,33 @@ def check_above_prior(records: list[dict], metric: str) -> None:
                            f"answer) by 2 standard errors ({margin:.3f}); there is no trend to extrapolate")
 
 
+FIT_AXES = {"flops": "omnigpt FLOPs: 6N per token plus the attention scores (the compute spent)",
+            "6nd": "6ND: 6 x matmul parameters x tokens (Kaplan, Chinchilla; attention scores left out)"}
+
+
+def axis_compute(rec: dict, axis: str = "flops") -> float:
+    """A run's compute on a fit axis (FIT_AXES). The 1/100 budget rule is always in FLOPs, what a run costs."""
+    if axis == "flops":
+        return float(rec["flops"])
+    if axis == "6nd":
+        return 6.0 * rec["params"] * rec["tokens"]
+    raise ValueError(f"unknown fit axis {axis!r}: choose from {', '.join(FIT_AXES)}")
+
+
 @dataclass
 class Prediction:
     metric: str
     target: str
     target_flops: float
     predicted: float  # in the metric's own units
-    law: dict  # PowerLaw fields, fitted on to_fitted(metric)
+    law: dict  # PowerLaw fields, fitted on to_fitted(metric) against compute on `axis`
     fit_runs: list[str]
-    largest_fraction: float  # the largest fitted run's compute / the target's
+    largest_fraction: float  # the largest fitted run's FLOPs / the target's
     actual: float | None = None
     error: float | None = None  # (predicted - actual) / actual
     extra: dict = field(default_factory=dict)
+    axis: str = "flops"  # the compute axis of the fit (FIT_AXES)
+    target_compute: float | None = None  # the target's compute on that axis
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,9 +132,14 @@ def choose_floor(C, y, names=None, what: str = "loss") -> tuple[float | None, di
 
 
 def predict(records: list[dict], target_name: str, target_flops: float, *, metric: str = "val_loss",
-            max_fraction: float = 0.01, irreducible: float | str | None = "auto") -> tuple[Prediction, PowerLaw]:
+            max_fraction: float = 0.01, irreducible: float | str | None = "auto", axis: str = "flops",
+            target_compute: float | None = None) -> tuple[Prediction, PowerLaw]:
     """Fit the runs (all must use <= max_fraction of target_flops) and predict the target's metric.
-    irreducible: a number fixes c, None fits it, "auto" chooses between the two by a backtest (choose_floor)."""
+    irreducible: a number fixes c, None fits it, "auto" chooses between the two by a backtest (choose_floor).
+    axis: the compute the law is fitted against (FIT_AXES); off "flops", target_compute is the target's on it."""
+    if axis != "flops" and target_compute is None:
+        raise ValueError(f"fit axis {axis!r} needs the target's compute on it (target_compute)")
+    Ct = target_flops if axis == "flops" else float(target_compute)
     if not records:
         raise ScalingError("refusing to predict: no runs to fit")
     too_big = [r for r in records if r["flops"] > max_fraction * target_flops * (1 + 1e-9)]
@@ -129,7 +149,7 @@ def predict(records: list[dict], target_name: str, target_flops: float, *, metri
                            f"compute; the limit is 1/{1 / max_fraction:.0f}")
     check_runs(records, metric)
     check_above_prior(records, metric)
-    C = np.array([r["flops"] for r in records])
+    C = np.array([axis_compute(r, axis) for r in records])
     y = to_fitted(metric, [r[metric] for r in records])
     names = [r["name"] for r in records]
     what = METRICS.get(metric, (None, metric))[1]
@@ -139,8 +159,9 @@ def predict(records: list[dict], target_name: str, target_flops: float, *, metri
         irreducible, extra = choose_floor(C, y, names, what)
     law = fit_power_law(C, y, irreducible=irreducible, what=what, names=names)
     pred = Prediction(metric=metric, target=target_name, target_flops=target_flops,
-                      predicted=from_fitted(metric, float(law(target_flops))), law=law.to_dict(), fit_runs=names,
-                      largest_fraction=float(C.max() / target_flops), extra=extra)
+                      predicted=from_fitted(metric, float(law(Ct))), law=law.to_dict(), fit_runs=names,
+                      largest_fraction=max(r["flops"] for r in records) / target_flops, extra=extra, axis=axis,
+                      target_compute=Ct)
     return pred, law
 
 
@@ -158,8 +179,8 @@ def plot_prediction(records: list[dict], law: PowerLaw, pred: Prediction, path, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    Ct = pred.target_flops
-    C = np.array([r["flops"] for r in records])
+    Ct = pred.target_compute or pred.target_flops
+    C = np.array([axis_compute(r, pred.axis) for r in records])
     y = to_fitted(pred.metric, [r[pred.metric] for r in records])
     xs = np.logspace(np.log10(C.min() / 2), np.log10(Ct * 2), 200)
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
@@ -173,7 +194,7 @@ def plot_prediction(records: list[dict], law: PowerLaw, pred: Prediction, path, 
         ax.scatter([1.0], [ya], marker="*", color="#2ca02c", s=140, zorder=5,
                    label=f"outcome {pred.actual:.4g} (error {100 * pred.error:+.2f}%)")
     ax.set_xscale("log")
-    ax.set_xlabel("compute (fraction of the target run's)")
+    ax.set_xlabel("compute (fraction of the target run's)" + ("" if pred.axis == "flops" else ", 6ND"))
     ax.set_ylabel(METRICS.get(pred.metric, (None, pred.metric))[1])
     ax.set_title(title or f"predicting {pred.target} from runs with <= {pred.largest_fraction:.2g} of its compute", fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
