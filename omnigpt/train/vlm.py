@@ -48,7 +48,7 @@ class Stage:
     warmup: int = 20
     budget_s: float | None = None  # train for this many seconds instead of exactly `steps`
     vision_lr_scale: float = 1.0  # the vision tower's learning rate is lr * this (pre-trained features drift less)
-    ground_weight: float = 0.0  # loss += this * the grounding loss (needs mix.ground and a VLM with a grounding head)
+    ground_weight: float = 0.0  # loss += this * the grounding loss (needs mix.ground and a VLM with ground_layer set)
 
 
 @dataclass
@@ -145,10 +145,10 @@ def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, 
     model.train()
     opt = stage_optimizer(model, stage.lr, stage.vision_lr_scale, weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
-    ground_grid = model.cfg.ground_grid if isinstance(model, VLM) and stage.mix.ground else 0
+    ground_grid = (model.cfg.ground_grid or 0) if isinstance(model, VLM) and stage.mix.ground else 0
     stream = SampleStream(tok, image_tokens, stage.mix, data.batch_size, seed=zlib.crc32(f"{data.seed}:{stage.name}".encode()),
                           n_range=data.n_range, image_size=data.image_size, max_len=data.max_len, pool=pool,
-                          ground_grid=ground_grid or 0)
+                          ground_grid=ground_grid)
     it = batches(stream, data.workers)
     autocast = autocast_for(device)
     metrics = open(metrics_path, "a") if metrics_path else None
