@@ -76,22 +76,30 @@ def cmd_train(args) -> None:
                 append_run(out / "runs.jsonl", {**run_one(plan, spec, args.data, out, None), "embed_lr_const": args.embed_lr_const})
 
 
-def cmd_backtest(args) -> None:
-    import numpy as np
-
-    from omnigpt.scaling.fit import ScalingError, fit_power_law
-
+def runs_by_name(paths) -> dict[str, dict]:
+    """The run records of several runs.jsonl files, the first record of each name."""
     runs = {}
-    for f in args.runs:
+    for f in paths:
         for line in Path(f).read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
                 runs.setdefault(r["name"], r)
+    return runs
+
+
+def cmd_backtest(args) -> None:
+    import numpy as np
+
+    from omnigpt.scaling.fit import ScalingError, fit_power_law
+    from omnigpt.scaling.predict import axis_compute
+
+    runs = runs_by_name(args.runs)
     fit_w = [int(v) for v in args.fit.split(",")]
     fit = [r for r in runs.values() if r["value"] in fit_w]
     held = [r for r in runs.values() if r["value"] == args.held]
     # compute axis: omnigpt's 6N + 12 L H hd T (the records' flops), or 6ND (attention scores not counted, as Kaplan/Chinchilla)
-    flops = (lambda r: r["flops"]) if args.convention == "omnigpt" else (lambda r: 6.0 * r["params"] * r["tokens"])
+    axis = "flops" if args.convention == "omnigpt" else "6nd"
+    flops = lambda r: axis_compute(r, axis)  # noqa: E731
     law = fit_power_law([flops(r) for r in fit], [r["val_loss"] for r in fit], irreducible=0)
     target = None
     if getattr(args, "predict_width", 0):  # a width nobody has trained: plan it with the fit runs' own recipe
@@ -102,14 +110,14 @@ def cmd_backtest(args) -> None:
         if len(specs) != 1:
             raise SystemExit(f"--predict-width: the fit runs have {len(specs)} recipes, not one")
         p = plan_run(args.predict_width, LadderSpec(**fit[0]["spec"]), fit[0]["model"]["vocab_size"])
-        c6 = {"omnigpt": p.flops, "6nd": 6.0 * p.params * p.tokens}
+        c6 = {"omnigpt": p.flops, "6nd": axis_compute(vars(p), "6nd")}
         corpus = Path(getattr(args, "data", None) or CORPUS)
         train_tokens = sum(s["train"]["tokens"] for s in read_manifest(corpus)["sources"].values())
         target = {"width": args.predict_width, "params": p.params, "tokens": p.tokens, "steps": p.steps,
                   "flops_omnigpt": p.flops, "flops_6nd": c6["6nd"], "epochs": p.tokens / train_tokens,
                   "corpus_train_tokens": train_tokens,
                   "largest_fit_fraction_omnigpt": max(r["flops"] for r in fit) / p.flops,
-                  "largest_fit_fraction_6nd": max(6.0 * r["params"] * r["tokens"] for r in fit) / c6["6nd"]}
+                  "largest_fit_fraction_6nd": max(axis_compute(r, "6nd") for r in fit) / c6["6nd"]}
         print(f"width {p.value} planned from the fit runs' recipe: N {p.params:,}, D {p.tokens:,} ({p.steps} steps, "
               f"{target['epochs']:.3f} epochs of {corpus.name}'s {train_tokens:,} training tokens), C omnigpt {p.flops:.4g}, "
               f"6ND {c6['6nd']:.4g}; largest fit run 1/{1 / target['largest_fit_fraction_omnigpt']:.0f} (omnigpt), "
@@ -164,12 +172,7 @@ def cmd_frontier(args) -> None:
     from omnigpt.scaling.fit import fit_power_law
     from omnigpt.scaling.ladder import LadderSpec, plan_run
 
-    runs = {}
-    for f in args.runs:
-        for line in Path(f).read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                runs.setdefault(r["name"], r)
+    runs = runs_by_name(args.runs)
     groups = {}
     for r in runs.values():
         groups.setdefault(r["name"].rsplit("-s", 1)[0] if "-s" in r["name"] else r["name"], []).append(r)
