@@ -419,16 +419,18 @@ def pointer_loss(logits_BKTQ: torch.Tensor, visible_BTQ: torch.Tensor, cells_BG:
     """Cross fusion's grounding loss: head k of the grounded block (k = 0, 1) should put its attention, at every
     position of the answer, on the latents (the first image's grid cells) of the question's (k+1)-th named object:
     mean over (row, answer position, head whose object the row names) of -log(attention mass on those cells)."""
-    G = cells_BG.shape[1]
-    logp = logits_BKTQ.float().masked_fill(~visible_BTQ.unsqueeze(1), float("-inf")).log_softmax(-1)[..., :G]
-    terms, n = logp.new_zeros(()), 0
+    # a finite "minus infinity": rows that see nothing (text before the image) stay finite, not NaN, in both passes;
+    # and no boolean indexing or .item(), so a training step never waits for the GPU here
+    G, neg = cells_BG.shape[1], torch.finfo(torch.float32).min
+    logp = logits_BKTQ.float().masked_fill(~visible_BTQ.unsqueeze(1), neg).log_softmax(-1)[..., :G]
+    terms, n = logp.new_zeros(()), logp.new_zeros(())
     for k in range(logits_BKTQ.shape[1]):
         target_BG = cells_BG == k + 1
         use_BT = answer_BT & target_BG.any(1, keepdim=True)
-        mass_BT = logp[:, k].masked_fill(~target_BG.unsqueeze(1), float("-inf")).logsumexp(-1)
-        terms = terms - mass_BT[use_BT].sum()
-        n += int(use_BT.sum())
-    return terms / max(n, 1)
+        mass_BT = logp[:, k].masked_fill(~target_BG.unsqueeze(1), neg).logsumexp(-1)
+        terms = terms - torch.where(use_BT, mass_BT, 0.0).sum()
+        n = n + use_BT.sum()
+    return terms / n.clamp(min=1)
 
 
 class VLM(nn.Module):
