@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # spelled out so that a changed default cannot silently change the published ladders.
 RECIPE = ["--dial", "width", "--depth", "2", "--seq-len", "128", "--tokens-per-param", "20", "--batch-size", "4",
           "--lr", "0.005", "--lr-ref-width", "64", "--lr-width-power", "1.0", "--beta2", "0.95", "--warmup-frac", "0.05",
-          "--downstream", "dict-cont", "--mc-items", "600", "--irreducible", "0",
-          "--downstream-metric", "mc_logp_pass,mc_logp_correct,mc_acc"]
+          "--downstream", "dict-cont", "--mc-items", "600"]
+PREDICT = ["--irreducible", "0", "--downstream-metric", "mc_logp_pass,mc_logp_correct,mc_acc"]  # `predict` only
 VOCAB = 320  # byte-level BPE ids of the ladders' corpora
 FAMILIES = {  # extra flags, fit values, seeds, target
     "fixed-attention": (["--fixed-attention", "--n-heads", "2", "--head-dim", "16", "--fit-axis", "6nd"],
@@ -95,7 +95,7 @@ def main() -> int:
     data = ensure_corpus(Path(args.data))
     cmd = [sys.executable, "-m", "omnigpt.cli", "scaling", "predict", "--data", str(data), "--out", out,
            "--values", args.values or values, "--seeds", args.seeds or seeds, "--target", args.target or target,
-           "--threads", args.threads, *RECIPE, *flags]
+           "--threads", args.threads, *RECIPE, *PREDICT, *flags]
     print("+", " ".join(cmd), flush=True)
     t0 = time.time()
     rc = subprocess.run(cmd, cwd=ROOT).returncode

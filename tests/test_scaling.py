@@ -179,6 +179,10 @@ def test_scaling_cli_sweeps_tiny_runs_and_refuses_oversized_fit(tmp_path, capsys
     capsys.readouterr()
     assert main(["scaling", "fit", str(tmp_path / "ladder" / "runs.jsonl"), "--fit-axis", "6nd"]) == 0
     assert '"axis": "6nd"' in capsys.readouterr().out
+    # Extra seeds of one size (e.g. a target's, trained side by side): recorded, and no fit of one point is attempted.
+    assert main(["scaling", "sweep", "--values", "8", "--seeds", "1", *common]) == 0
+    assert "no fit (it needs 3 or more sizes)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "ladder" / "runs.jsonl").read_text().splitlines()[-1])["name"] == "width8-r2-s1"
 
 
 def test_family_flags_reach_the_spec():

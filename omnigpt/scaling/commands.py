@@ -180,6 +180,9 @@ def cmd_sweep(args) -> int:
     ratios = [float(r) for r in args.ratios.split(",")] if args.ratios else None
     records = sweep(_ints(args.values), spec, args.data, args.out, ratios=ratios, seeds=_seeds(args))
     out = Path(args.out)
+    if len({r["flops"] for r in records}) < 3:  # e.g. extra seeds of one size: the runs are recorded, a fit needs more
+        print(f"[scaling] {len(records)} run(s) recorded in {out / 'runs.jsonl'}; no fit (it needs 3 or more sizes)")
+        return 0
     fit, law = fit_records(records, axis=args.fit_axis)
     (out / "fit.json").write_text(json.dumps(fit, indent=2) + "\n")
     _plot_fit(records, law, "val_loss", out / "fit.png", f"{len(records)} runs along {spec.dial}", args.fit_axis)
