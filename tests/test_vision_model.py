@@ -136,6 +136,8 @@ def test_grounding_head_reads_its_layer_and_leaves_the_answer_alone(tok):
         make_vlm(tok, "inline", ground_layer=5)
     with pytest.raises(ValueError, match="ground_layer=1"):
         make_vlm(tok, "cross", resampler_grid=True, ground_layer=1)  # no block after the last layer
+    with pytest.raises(ValueError, match="resampler_halo"):
+        make_vlm(tok, "cross", resampler_halo=1)  # a halo around windows needs the windows
 
 
 def test_grid_resampler_latents_read_only_their_window():
@@ -148,6 +150,13 @@ def test_grid_resampler_latents_read_only_their_window():
     y[0, 1 * 4 + 3] += 1.0  # patch (row 1, column 3): the window of latent (0, 1)
     changed = (res(x) - res(y)).abs().amax(-1)[0] > 1e-6
     assert changed.tolist() == [False, True, False, False]
+    # with a halo of one cell, the 4 x 4 latents over 8 x 8 patches also read their neighbours' windows
+    halo = Resampler(8, 16, n_latents=16, n_layers=2, n_heads=2, grid=8, qk_norm=True, halo=1).eval()
+    x = torch.randn(1, 64, 8)
+    y = x.clone()
+    y[0, 2 * 8 + 7] += 1.0  # patch (2, 7): the window of latent (1, 3)
+    changed = ((halo(x) - halo(y)).abs().amax(-1)[0] > 1e-6).reshape(4, 4)
+    assert changed.nonzero().tolist() == [[r, c] for r in (0, 1, 2) for c in (2, 3)]
 
 
 def test_cross_grounding_points_two_heads_at_the_named_objects(tok):

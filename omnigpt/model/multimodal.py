@@ -66,6 +66,7 @@ class VLMConfig:
     resampler_layers: int = 2
     resampler_heads: int = 4
     resampler_grid: bool = False  # resampler: latents on a sqrt(L) x sqrt(L) grid, each reading only its window of patches
+    resampler_halo: int = 0  # resampler_grid: a latent also reads the windows up to this many cells away (whole objects)
     qk_norm: bool = True  # RMSNorm on each head's queries and keys in the resampler and the gated cross-attention blocks
     cross_every: int = 1  # cross: a gated cross-attention block before layers 0, n, 2n, ...
     feature_layer: int = -1  # vision block whose output feeds the connector (-2: the penultimate, as LLaVA)
@@ -99,6 +100,9 @@ class VLMConfig:
             if g * g != self.n_latents or self.vision.grid % g:
                 raise ValueError(f"invalid VLMConfig: resampler_grid needs n_latents = g*g with g dividing the patch grid "
                                  f"{self.vision.grid}; got n_latents={self.n_latents}")
+        if self.resampler_halo < 0 or (self.resampler_halo and not (self.resampler_grid and self.uses_resampler)):
+            raise ValueError(f"invalid VLMConfig: resampler_halo={self.resampler_halo} needs a grid resampler "
+                             "(resampler_grid and cross fusion or connector='resampler') and must be >= 0")
         if self.ground_layer is not None:
             if self.ground_grid is None:
                 raise ValueError("invalid VLMConfig: ground_layer needs image tokens on a grid (inline mlp connector, or resampler_grid)")
@@ -273,14 +277,16 @@ class ResamplerLayer(nn.Module):
         return lat_NLD + self.mlp(self.mlp_norm(lat_NLD))
 
 
-def window_mask(grid: int, latent_grid: int) -> torch.Tensor:
+def window_mask(grid: int, latent_grid: int, halo: int = 0) -> torch.Tensor:
     """(L, P + L) bool for a resampler whose L = g*g latents sit on a grid over the grid x grid patches: latent
-    (i, j) sees the patches of its window (rows i*s .. i*s+s-1, columns j*s .., s = grid / g) and itself."""
+    (i, j) sees the patches of its window (rows i*s .. i*s+s-1, columns j*s .., s = grid / g) and itself; with a
+    halo h, the windows of cells up to h rows and columns away too (overlapping windows: a latent at an object's
+    edge sees the whole object, and stays centred on its own place)."""
     s, g = grid // latent_grid, latent_grid
-    cell = (torch.arange(grid) // s)
-    patch_cell = (cell[:, None] * g + cell[None, :]).flatten()  # (P,) the latent whose window holds each patch
-    latents = torch.arange(g * g)
-    return torch.cat([latents[:, None] == patch_cell[None, :], torch.eye(g * g, dtype=torch.bool)], dim=1)
+    cell = torch.arange(grid) // s  # the latent row (column) of each patch row (column)
+    near = (cell[None, :] - torch.arange(g)[:, None]).abs() <= halo  # (g, grid): latent row i sees patch row r
+    sees = (near[:, None, :, None] & near[None, :, None, :]).reshape(g * g, grid * grid)
+    return torch.cat([sees, torch.eye(g * g, dtype=torch.bool)], dim=1)
 
 
 class Resampler(nn.Module):
@@ -290,13 +296,13 @@ class Resampler(nn.Module):
     labels can name."""
 
     def __init__(self, d_in: int, d_out: int, n_latents: int, n_layers: int, n_heads: int, grid: int | None = None,
-                 qk_norm: bool = False):
+                 qk_norm: bool = False, halo: int = 0):
         super().__init__()
         self.proj_in = nn.Linear(d_in, d_out)
         self.latents = nn.Parameter(torch.randn(n_latents, d_out) * 0.02)
         self.layers = nn.ModuleList(ResamplerLayer(d_out, n_heads, qk_norm) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_out)
-        mask = window_mask(grid, math.isqrt(n_latents)) if grid else None
+        mask = window_mask(grid, math.isqrt(n_latents), halo) if grid else None
         self.register_buffer("mask_LS", mask, persistent=False)
 
     def forward(self, x_NPV):
@@ -442,7 +448,8 @@ class VLM(nn.Module):
         V, D = cfg.vision.d_model, cfg.text.d_model
         if cfg.uses_resampler:
             self.connector = Resampler(V, D, cfg.n_latents, cfg.resampler_layers, cfg.resampler_heads,
-                                       grid=cfg.vision.grid if cfg.resampler_grid else None, qk_norm=cfg.qk_norm)
+                                       grid=cfg.vision.grid if cfg.resampler_grid else None, qk_norm=cfg.qk_norm,
+                                       halo=cfg.resampler_halo)
         else:
             self.connector = MLPConnector(V * cfg.pixel_shuffle ** 2, D)
         self.xattn = nn.ModuleDict({str(i): GatedCrossBlock(cfg.text, cfg.text.n_heads, cfg.qk_norm) for i in cfg.cross_layers()})
