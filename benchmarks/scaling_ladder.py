@@ -53,9 +53,9 @@ def train_in_parallel(jobs: list[tuple[str, str]], common: list[str], out: Path)
     for j, (values, seeds) in enumerate(jobs):
         cmd = cli("sweep", "--values", values, "--seeds", seeds, "--out", str(out / "jobs" / str(j)), *common)
         print("+", " ".join(cmd), flush=True)
-        log = open(out / "jobs" / f"{j}.log", "a")
-        procs.append((subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
-    failed = [j for j, (p, log) in enumerate(procs) if p.wait() or log.close()]
+        with open(out / "jobs" / f"{j}.log", "a") as log:  # the child keeps its own copy of the file
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+    failed = [j for j, p in enumerate(procs) if p.wait()]
     for j in range(len(jobs)):
         for r in read_runs(out / "jobs" / str(j) / "runs.jsonl"):
             if r["name"] not in done:
