@@ -23,7 +23,8 @@ On the GPU (benchmarks/RESULTS.md): (5) which object is *where* stays at chance 
 (Recipe.ground_weight) teaches the model which image vectors show the objects the question names: inline, run 11
 meets the target (colour 97.5-100%, position 95-98% at N <= 4); (6) cross-attention needed QK-norm to train
 stably for long, and its grounding (a grid resampler and two pointer heads) grounds "where" at N = 1 but not yet
-colour and position at N >= 2 (runs 10, 12).
+colour and position at N >= 2 (runs 10, 12); (7) overlapping resampler windows (resampler_halo=1) lift position to
+76-87% and drop colour to 21-40% at N = 2-4 (run 13): halo_keys_only keeps the overlap for the keys only (untried).
 Results: the table on stdout, JSON + checkpoints in --out (default runs/vision_shapebind).
 """
 

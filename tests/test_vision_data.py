@@ -5,7 +5,6 @@ import random
 
 import numpy as np
 import pytest
-import torch
 
 from omnigpt.data import scenes as sb
 from omnigpt.data.image_captions import emoji_available, emoji_pairs, openclipart_pairs, render_emoji

@@ -190,6 +190,33 @@ def test_cross_grounding_points_two_heads_at_the_named_objects(tok):
     assert vlm.cfg.text.n_heads == 2 or float(block.attn.q.weight.grad[2 * h:].abs().sum()) == 0
 
 
+def test_halo_keys_only_finds_by_the_wide_view_and_reads_the_own_window(tok):
+    vlm = make_vlm(tok, "cross", resampler_grid=True, resampler_halo=1, halo_keys_only=True, ground_layer=0)
+    D, P = vlm.cfg.text.d_model, VC.grid ** 2  # 2 x 2 latents over 4 x 4 patches: the halo is the whole image
+    x = torch.randn(1, P, VC.d_model)
+    y = x.clone()
+    y[0, 0] += 1.0  # patch (0, 0): the window of latent (0, 0)
+    diff = (vlm.connector(x) - vlm.connector(y)).abs()
+    assert diff.shape == (1, 4, 2 * D)  # [wide view | own window] per place
+    assert ((diff[0, :, :D].amax(-1) > 1e-6).tolist(), (diff[0, :, D:].amax(-1) > 1e-6).tolist()) == (
+        [True] * 4, [True, False, False, False])
+    attn = vlm.xattn["0"].attn  # keys read the wide view only, values the own window only
+    ctx = torch.randn(1, 4, 2 * D)
+    q, k, v = attn.heads(torch.randn(1, 3, D), ctx)
+    ctx2 = ctx.clone()
+    ctx2[..., D:] += 1.0
+    _, k2, v2 = attn.heads(torch.randn(1, 3, D), ctx2)
+    assert torch.equal(k, k2) and not torch.allclose(v, v2)
+    # trains end to end: a grounded batch gives finite losses and gradients
+    batch = grounded_batch(tok, vlm.cfg.image_tokens, vlm.cfg.ground_grid, qtype="position", n=3)
+    out = vlm(batch.inputs, batch.targets, normalize(batch.images, VC), ground=batch.ground)
+    (out.loss + out.ground_loss).backward()
+    assert torch.isfinite(out.ground_loss) and grads(vlm.connector) > 0
+    assert all(bool(p.grad.isfinite().all()) for p in vlm.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="halo_keys_only"):
+        make_vlm(tok, "cross", resampler_grid=True, halo_keys_only=True)  # no halo to keep to the keys
+
+
 def test_pixel_shuffle_and_grid_sizes():
     x = torch.arange(16).float().view(1, 16, 1)  # a 4x4 grid, value = row*4 + col
     y = pixel_shuffle(x, (4, 4), 2)
@@ -248,14 +275,16 @@ def test_cross_attention_zero_gates_leave_lm_unchanged(tok):
     assert not torch.allclose(changed[0, img_pos:], other_images[0, img_pos:])
 
 
-@pytest.mark.parametrize("fusion", ["inline", "cross", "inline+mrope"])
+@pytest.mark.parametrize("fusion", ["inline", "cross", "inline+mrope", "cross+halo"])
 def test_generation_with_images_matches_full_forward(tok, fusion):
     if fusion == "inline+mrope":  # the prefill rotates image tokens by (row, column), decode steps are 1-D RoPE
         vlm = make_vlm(tok, "inline", mrope=True, pos_lm=True).eval()
         sharpen(vlm)
+    elif fusion == "cross+halo":  # media of two views per place: keys from one, values from the other
+        vlm = make_vlm(tok, "cross", resampler_grid=True, resampler_halo=1, halo_keys_only=True).eval()
     else:
         vlm = make_vlm(tok, fusion).eval()
-    if fusion == "cross":
+    if fusion.startswith("cross"):
         for block in vlm.xattn.values():
             block.attn_gate.data.fill_(1.0)
             block.mlp_gate.data.fill_(1.0)
@@ -276,8 +305,9 @@ def test_generation_with_images_matches_full_forward(tok, fusion):
 
 
 def test_save_load_round_trip(tok, tmp_path):
-    for fusion, kw in (("inline", {}), ("cross", {}), ("mrope", dict(mrope=True, pos_lm=True, pos2d_scale=2.0))):
-        vlm = make_vlm(tok, "cross" if fusion == "cross" else "inline", **kw)
+    for fusion, kw in (("inline", {}), ("cross", {}), ("mrope", dict(mrope=True, pos_lm=True, pos2d_scale=2.0)),
+                       ("halo", dict(resampler_grid=True, resampler_halo=1, halo_keys_only=True))):
+        vlm = make_vlm(tok, "cross" if fusion in ("cross", "halo") else "inline", **kw)
         with torch.no_grad():
             for p in vlm.parameters():
                 p.add_(torch.randn_like(p) * 0.01)  # gates included

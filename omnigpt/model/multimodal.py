@@ -67,6 +67,7 @@ class VLMConfig:
     resampler_heads: int = 4
     resampler_grid: bool = False  # resampler: latents on a sqrt(L) x sqrt(L) grid, each reading only its window of patches
     resampler_halo: int = 0  # resampler_grid: a latent also reads the windows up to this many cells away (whole objects)
+    halo_keys_only: bool = False  # cross: the halo widens what the keys read, the values read each place's own window
     qk_norm: bool = True  # RMSNorm on each head's queries and keys in the resampler and the gated cross-attention blocks
     cross_every: int = 1  # cross: a gated cross-attention block before layers 0, n, 2n, ...
     feature_layer: int = -1  # vision block whose output feeds the connector (-2: the penultimate, as LLaVA)
@@ -103,6 +104,8 @@ class VLMConfig:
         if self.resampler_halo < 0 or (self.resampler_halo and not (self.resampler_grid and self.uses_resampler)):
             raise ValueError(f"invalid VLMConfig: resampler_halo={self.resampler_halo} needs a grid resampler "
                              "(resampler_grid and cross fusion or connector='resampler') and must be >= 0")
+        if self.halo_keys_only and not (self.resampler_halo and self.fusion == "cross"):
+            raise ValueError("invalid VLMConfig: halo_keys_only needs cross fusion and resampler_halo >= 1")
         if self.ground_layer is not None:
             if self.ground_grid is None:
                 raise ValueError("invalid VLMConfig: ground_layer needs image tokens on a grid (inline mlp connector, or resampler_grid)")
@@ -237,9 +240,9 @@ class CrossAttention(nn.Module):
     """Queries from x, keys and values from a context; multi-head, SDPA. qk_norm bounds the attention logits (a
     gated cross-attention VLM diverged without it after ~800 steps at lr 5e-4 in bf16: RESULTS.md, run 8)."""
 
-    def __init__(self, d: int, n_heads: int, d_ctx: int | None = None, qk_norm: bool = False):
+    def __init__(self, d: int, n_heads: int, d_ctx: int | None = None, qk_norm: bool = False, split_kv: bool = False):
         super().__init__()
-        self.n_heads = n_heads
+        self.n_heads, self.split_kv = n_heads, split_kv  # split_kv: context channels are [key view | value view]
         self.q = nn.Linear(d, d, bias=False)
         self.kv = nn.Linear(d_ctx or d, 2 * d, bias=False)
         self.out = nn.Linear(d, d, bias=False)
@@ -251,7 +254,11 @@ class CrossAttention(nn.Module):
         B, T, D = x_BTD.shape
         K, h = self.n_heads, D // self.n_heads
         q = self.q(x_BTD).view(B, T, K, h)
-        k, v = self.kv(ctx_BSD).view(B, -1, 2, K, h).unbind(2)
+        if self.split_kv:  # two views of the same places: keys from one, values from the other
+            (w_k, w_v), (key_view, value_view) = self.kv.weight.chunk(2), ctx_BSD.chunk(2, dim=-1)
+            k, v = F.linear(key_view, w_k).view(B, -1, K, h), F.linear(value_view, w_v).view(B, -1, K, h)
+        else:
+            k, v = self.kv(ctx_BSD).view(B, -1, 2, K, h).unbind(2)
         if self.q_norm is not None:
             q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -293,10 +300,11 @@ class Resampler(nn.Module):
     """Perceiver resampler (Flamingo): L learned latents cross-attend to an image's patch tokens -> (N, L, d_out).
     With a grid (the patch grid; L a square), each latent reads only its window of patches, so the L outputs are a
     grid of places (as Honeybee's locality-preserving projectors argue for spatial questions) that grounding
-    labels can name."""
+    labels can name. With halo_keys_only, it runs twice, with and without the halo, and returns (N, L, 2 d_out):
+    [the wide view | the place's own window], for cross-attention that finds by the one and reads the other."""
 
     def __init__(self, d_in: int, d_out: int, n_latents: int, n_layers: int, n_heads: int, grid: int | None = None,
-                 qk_norm: bool = False, halo: int = 0):
+                 qk_norm: bool = False, halo: int = 0, halo_keys_only: bool = False):
         super().__init__()
         self.proj_in = nn.Linear(d_in, d_out)
         self.latents = nn.Parameter(torch.randn(n_latents, d_out) * 0.02)
@@ -304,22 +312,28 @@ class Resampler(nn.Module):
         self.norm = nn.LayerNorm(d_out)
         mask = window_mask(grid, math.isqrt(n_latents), halo) if grid else None
         self.register_buffer("mask_LS", mask, persistent=False)
+        own = window_mask(grid, math.isqrt(n_latents)) if halo_keys_only else None
+        self.register_buffer("own_LS", own, persistent=False)
 
     def forward(self, x_NPV):
         x_NPD = self.proj_in(x_NPV)
+        out = self.read(x_NPD, self.mask_LS)
+        return out if self.own_LS is None else torch.cat([out, self.read(x_NPD, self.own_LS)], dim=-1)
+
+    def read(self, x_NPD, mask_LS):
         lat_NLD = self.latents.expand(x_NPD.shape[0], -1, -1).to(x_NPD.dtype)
         for layer in self.layers:
-            lat_NLD = layer(lat_NLD, x_NPD, self.mask_LS)
+            lat_NLD = layer(lat_NLD, x_NPD, mask_LS)
         return self.norm(lat_NLD)
 
 
 class GatedCrossBlock(nn.Module):
     """Flamingo's GATED XATTN-DENSE: x += tanh(a) * xattn(x, media); x += tanh(b) * ffw(x); a = b = 0 at init."""
 
-    def __init__(self, cfg: ModelConfig, n_heads: int, qk_norm: bool = False):
+    def __init__(self, cfg: ModelConfig, n_heads: int, qk_norm: bool = False, split_kv: bool = False):
         super().__init__()
         d = cfg.d_model
-        self.attn_norm, self.attn = RMSNorm(d, cfg.norm_eps), CrossAttention(d, n_heads, qk_norm=qk_norm)
+        self.attn_norm, self.attn = RMSNorm(d, cfg.norm_eps), CrossAttention(d, n_heads, qk_norm=qk_norm, split_kv=split_kv)
         self.mlp_norm, self.mlp = RMSNorm(d, cfg.norm_eps), SwiGLU(d, cfg.d_ff)
         self.attn_gate = nn.Parameter(torch.zeros(1))
         self.mlp_gate = nn.Parameter(torch.zeros(1))
@@ -449,10 +463,11 @@ class VLM(nn.Module):
         if cfg.uses_resampler:
             self.connector = Resampler(V, D, cfg.n_latents, cfg.resampler_layers, cfg.resampler_heads,
                                        grid=cfg.vision.grid if cfg.resampler_grid else None, qk_norm=cfg.qk_norm,
-                                       halo=cfg.resampler_halo)
+                                       halo=cfg.resampler_halo, halo_keys_only=cfg.halo_keys_only)
         else:
             self.connector = MLPConnector(V * cfg.pixel_shuffle ** 2, D)
-        self.xattn = nn.ModuleDict({str(i): GatedCrossBlock(cfg.text, cfg.text.n_heads, cfg.qk_norm) for i in cfg.cross_layers()})
+        self.xattn = nn.ModuleDict({str(i): GatedCrossBlock(cfg.text, cfg.text.n_heads, cfg.qk_norm, cfg.halo_keys_only)
+                                    for i in cfg.cross_layers()})
         self._media = {"now": None}  # what the cross-attention blocks see during the current LM call
         for i in cfg.cross_layers():
             self.lm.layers[i].register_forward_pre_hook(CrossHook(self.xattn[str(i)], self._media))

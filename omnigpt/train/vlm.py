@@ -252,6 +252,7 @@ class Recipe:
     ground_layer: int = 2  # the LM layer whose output the grounding head (inline) or the grounded block (cross) reads
     resampler_grid: bool = True  # cross: each latent reads one window of patches (a grid the grounding loss can name)
     resampler_halo: int = 0  # cross: ... and the windows this many cells around it (VLMConfig.resampler_halo)
+    halo_keys_only: bool = False  # cross: the halo for the keys only (VLMConfig.halo_keys_only; run 13's halo lost colours)
 
     def override(self, pairs: list[str]) -> Recipe:
         """FIELD=VALUE pairs, VALUE in JSON (numbers, null, lists, objects): omnigpt.config.override_fields."""
@@ -275,6 +276,7 @@ def build_vlm(recipe: Recipe, mode: str, tok, vision, lm) -> VLM:
     cfg = VLMConfig(vision=vision.cfg, text=lm.cfg, image_id=tok.image_id, fusion=mode, connector="mlp",
                     pixel_shuffle=recipe.pixel_shuffle if inline else 1, n_latents=recipe.n_latents,
                     resampler_grid=recipe.resampler_grid and not inline, resampler_halo=recipe.resampler_halo if not inline else 0,
+                    halo_keys_only=recipe.halo_keys_only and not inline,
                     cross_every=recipe.cross_every, pos2d_scale=recipe.pos2d_scale, feature_layer=recipe.feature_layer,
                     mrope=recipe.mrope and inline, pos_lm=recipe.pos_lm and inline,
                     ground_layer=recipe.ground_layer if grounded(recipe, mode) else None)
