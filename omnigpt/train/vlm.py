@@ -123,8 +123,9 @@ def sample_mean_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torc
 
 
 def forward_loss(model, batch, vision_cfg, ground_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(the loss to minimise, the grounding loss in it or None): answer loss + ground_weight x grounding loss."""
-    if isinstance(model, VLM):
+    """(the loss to minimise, the grounding loss in it or None): answer loss + ground_weight x grounding loss.
+    `model` may be torch.compile'd (an OptimizedModule around the VLM)."""
+    if isinstance(getattr(model, "_orig_mod", model), VLM):
         pixels = normalize(batch.images, vision_cfg) if len(batch.images) else None
         ground = batch.ground if ground_weight > 0 else None
         out = model(batch.inputs, None, pixels, ground=ground)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Several ShapeBind runs at once on one GPU, then their logs and results gathered in DEST.
+#
+# Why at once: a cross-attention run at batch 128 keeps an H200 about 12% busy (per-step Python and launch overhead
+# bound: ~12 steps/s for ~1.5 TFLOP a step), so two or three runs side by side cost little speed each. Every run
+# records its own steps/s, so a slowdown shows in its log and summary.
+#
+#   usage: benchmarks/vision_parallel.sh DEST NAME="ARGS" [NAME="ARGS" ...]
+#   e.g.   benchmarks/vision_parallel.sh $OUT keys64="--modes cross --set resampler_halo=1 halo_keys_only=true"
+#
+# DEST/NAME.log is a run's stdout and stderr (the table at its end); DEST/runs.tar.gz holds each run's summary.json,
+# *_eval.json and *_metrics.jsonl (no checkpoints).
+set -u
+dest=$1
+shift
+work=$(mktemp -d)
+pids=()
+for spec in "$@"; do
+  name=${spec%%=*}
+  args=${spec#*=}
+  # shellcheck disable=SC2086  # ARGS is a list of arguments
+  PYTHONPATH=. python3 benchmarks/vision_shapebind.py --out "$work/$name" $args >"$dest/$name.log" 2>&1 &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do
+  wait "$pid" || status=1
+done
+(cd "$work" && tar czf "$dest/runs.tar.gz" --exclude='*.safetensors' --exclude='*/inline' --exclude='*/cross' .)
+for spec in "$@"; do tail -n 14 "$dest/${spec%%=*}.log"; done
+exit $status
