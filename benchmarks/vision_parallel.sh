@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Several ShapeBind runs at once on one GPU, then their logs and results gathered in DEST.
 #
-# Why at once: a cross-attention run at batch 128 keeps an H200 about 12% busy (per-step Python and launch overhead
-# bound: ~12 steps/s for ~1.5 TFLOP a step), so two or three runs side by side cost little speed each. Every run
-# records its own steps/s, so a slowdown shows in its log and summary.
+# Measured since (benchmarks/RESULTS.md, run 14): a cross-attention run keeps an H200 about 93% busy, so runs side by
+# side only share it; three at once ruined all three. Kept for runs that are small enough to leave the GPU idle.
+# Every run records its own steps/s, so a slowdown shows in its log and summary.
 #
 #   usage: benchmarks/vision_parallel.sh DEST NAME="ARGS" [NAME="ARGS" ...]
 #   e.g.   benchmarks/vision_parallel.sh $OUT keys64="--modes cross --set resampler_halo=1 halo_keys_only=true"

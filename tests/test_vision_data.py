@@ -160,8 +160,30 @@ def test_render_chat_with_images(tok):
     assert ids.count(tok.image_id) == 6 and ids.count(tok.image_start_id) == 2 and ids.count(tok.image_end_id) == 2
     assert all(m == 0 for i, m in zip(ids, mask) if i in (tok.image_id, tok.image_start_id, tok.image_end_id))
     assert image_urls(msgs) == ["data:image/png;base64,AAAA", "b.png"]
+    # a model trained with its images first gets them first, whatever order the client sends; images keep their order
+    first, _ = render_chat(tok, msgs, image_tokens=1, images_first=True)
+    run = "<|image_start|><|image|><|image_end|>"
+    assert tok.decode(first).startswith(f"<|im_start|>user\n{run}{run}and which is red?<|im_end|>\n<|im_start|>assistant")
     text_only, _ = render_chat(tok, [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}])
     assert text_only == render_chat(tok, [{"role": "user", "content": "ab"}])[0]
+
+
+@pytest.mark.parametrize("image_first", [False, True])
+def test_grounded_questions_mark_where_they_name_each_object(tok, image_first):
+    rng, mix = random.Random(1), Mix(qa=1.0, ground=True, image_first=image_first, qa_types=("color", "where", "position"))
+    samples = [random_sample(rng, tok, 1, mix, n_range=(2, 4), image_size=64, ground_grid=4) for _ in range(24)]
+    batch = collate(samples, tok.pad_id, 64)
+    for b, s in enumerate(samples):
+        image_at = s.ids.index(tok.image_id)
+        question = tok.decode(s.ids[: s.prompt_len]).split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+        question = question.replace("<|image_start|><|image|><|image_end|>", "")
+        phrases = [p.removesuffix(" relative to").removesuffix("?") for p in question.split(" the ")[1:]]
+        assert len(s.ground_mentions) == len(phrases) == (2 if s.kind == "qa:position" else 1)
+        for k, (t, phrase) in enumerate(zip(s.ground_mentions, phrases)):
+            # the marked token is the phrase's last word, in the user's question (after the image when it comes first)
+            assert tok.decode(s.ids[: t + 1]).endswith(" " + phrase) and (t > image_at) == image_first
+            assert int(batch.ground.mention_BT[b, t]) == k + 1
+        assert int((batch.ground.mention_BT[b] > 0).sum()) == len(phrases)
 
 
 def test_samples_batches_and_pool(tok):

@@ -11,8 +11,8 @@ import torch
 
 from omnigpt.config import tiny
 from omnigpt.data import scenes as sb
-from omnigpt.data.vision_samples import collate, scene_qa_sample, shapebind_tokenizer
-from omnigpt.evals.vqa import answer_samples
+from omnigpt.data.vision_samples import collate, mention_positions, scene_qa_sample, shapebind_tokenizer
+from omnigpt.evals.vqa import answer_samples, eval_samples, user_text
 from omnigpt.model.multimodal import (VLM, VLMConfig, generate_vlm, load_vlm, mrope_axes, mrope_cos_sin, mrope_positions,
                                       pixel_shuffle, save_vlm, sincos_2d, splice)
 from omnigpt.model.transformer import rope_cos_sin
@@ -104,14 +104,16 @@ def test_clip_caption_styles(tok):
         dataclasses.replace(tc, captions="where")  # refused when configured, before any stream or model exists
 
 
-def grounded_batch(tok, image_tokens: int, grid: int, qtype: str = "where", n: int = 2):
+def grounded_batch(tok, image_tokens: int, grid: int, qtype: str = "where", n: int = 2, question_first: bool = True):
     """A collated batch of three questions whose samples carry their grounding labels on the grid."""
     samples = []
     for i in range(3):
         scene = sb.make_scene(f"g{i}", n, VC.image_size)
         qa = sb.questions(scene, 0, (qtype,))[0]
-        samples.append(scene_qa_sample(tok, image_tokens, scene, qa))
-        samples[-1].ground_cells = sb.token_labels(scene, qa.refs, grid)
+        s = scene_qa_sample(tok, image_tokens, scene, qa, question_first=question_first)
+        s.ground_cells = sb.token_labels(scene, qa.refs, grid)
+        s.ground_mentions = mention_positions(tok, s.ids, qa.question, qa.mentions)
+        samples.append(s)
     return collate(samples, tok.pad_id, VC.image_size)
 
 
@@ -157,6 +159,14 @@ def test_grid_resampler_latents_read_only_their_window():
     y[0, 2 * 8 + 7] += 1.0  # patch (2, 7): the window of latent (1, 3)
     changed = ((halo(x) - halo(y)).abs().amax(-1)[0] > 1e-6).reshape(4, 4)
     assert changed.nonzero().tolist() == [[r, c] for r in (0, 1, 2) for c in (2, 3)]
+    # latents that see all latents read pixels in their window only (one layer), and the other places through them
+    for layers, expect in ((1, [False, True, False, False]), (2, [True] * 4)):
+        torch.manual_seed(0)
+        see_all = Resampler(8, 16, n_latents=4, n_layers=layers, n_heads=2, grid=4, qk_norm=True, see_all=True).eval()
+        x = torch.randn(1, 16, 8)
+        y = x.clone()
+        y[0, 1 * 4 + 3] += 1.0
+        assert ((see_all(x) - see_all(y)).abs().amax(-1)[0] > 1e-6).tolist() == expect
 
 
 def test_cross_grounding_points_two_heads_at_the_named_objects(tok):
@@ -168,10 +178,11 @@ def test_cross_grounding_points_two_heads_at_the_named_objects(tok):
     visible = torch.ones(1, 3, 4, dtype=torch.bool)
     sharp = torch.full((1, 2, 3, 4), -30.0)
     sharp[0, 0, :, 1] = sharp[0, 1, :, 2] = 30.0
-    assert float(pointer_loss(sharp, visible, cells, answer)) < 1e-6
-    assert float(pointer_loss(torch.zeros(1, 2, 3, 4), visible, cells, answer)) == pytest.approx(math.log(4))
+    points = [(0, 1, answer), (1, 2, answer)]  # head 0 -> object 1, head 1 -> object 2, at the answer
+    assert float(pointer_loss(sharp, visible, cells, points)) < 1e-6
+    assert float(pointer_loss(torch.zeros(1, 2, 3, 4), visible, cells, points)) == pytest.approx(math.log(4))
     one = torch.tensor([[0, 1, 1, 0]])  # a one-object question grounds head 0 only: mass 2 of 4 cells
-    assert float(pointer_loss(torch.zeros(1, 2, 3, 4), visible, one, answer)) == pytest.approx(math.log(2))
+    assert float(pointer_loss(torch.zeros(1, 2, 3, 4), visible, one, points)) == pytest.approx(math.log(2))
 
     vlm = make_vlm(tok, "cross", resampler_grid=True, ground_layer=0)  # 2 x 2 latents, heads 0/1 of the block after layer 0
     batch = grounded_batch(tok, vlm.cfg.image_tokens, vlm.cfg.ground_grid, qtype="position", n=3)
@@ -188,6 +199,32 @@ def test_cross_grounding_points_two_heads_at_the_named_objects(tok):
     h = vlm.cfg.text.d_model // vlm.cfg.text.n_heads
     assert float(block.attn.q.weight.grad[: 2 * h].abs().sum()) > 0  # only the two pointer heads' queries learn
     assert vlm.cfg.text.n_heads == 2 or float(block.attn.q.weight.grad[2 * h:].abs().sum()) == 0
+
+
+def test_mention_pointer_grounds_the_question_words_when_the_image_comes_first(tok):
+    with pytest.raises(ValueError, match="image_first"):  # question first, its words see no image
+        make_vlm(tok, "cross", resampler_grid=True, ground_layer=0, pointer="mention")
+    with pytest.raises(ValueError, match="pointer"):
+        make_vlm(tok, "cross", resampler_grid=True, ground_layer=0, pointer="everywhere", image_first=True)
+    vlm = make_vlm(tok, "cross", resampler_grid=True, ground_layer=0, pointer="mention", image_first=True)
+    batch = grounded_batch(tok, vlm.cfg.image_tokens, vlm.cfg.ground_grid, qtype="position", n=3, question_first=False)
+    assert (batch.ground.mention_BT > 0).sum(1).tolist() == [2, 2, 2]
+    pixels = normalize(batch.images, VC)
+    out = vlm(batch.inputs, batch.targets, pixels, ground=batch.ground)
+    (out.loss + out.ground_loss).backward()
+    assert torch.isfinite(out.ground_loss) and all(bool(p.grad.isfinite().all()) for p in vlm.parameters() if p.grad is not None)
+    h = vlm.cfg.text.d_model // vlm.cfg.text.n_heads
+    vlm.zero_grad()
+    vlm(batch.inputs, None, pixels, ground=batch.ground).ground_loss.backward()
+    q_grad = vlm.xattn["1"].attn.q.weight.grad
+    assert float(q_grad[:h].abs().sum()) > 0 and float(q_grad[h:].abs().sum()) == 0  # head 0 points, at the words
+    unnamed = dataclasses.replace(batch.ground, mention_BT=torch.zeros_like(batch.ground.mention_BT))
+    assert float(vlm(batch.inputs, None, pixels, ground=unnamed).ground_loss.detach()) == 0.0  # nothing named, nothing to learn
+    # evaluation asks such a model with the image first too, and reads the question back without the image
+    for s in eval_samples(tok, vlm.cfg.image_tokens, 2, 2, VC.image_size, ("color", "position"), question_first=False):
+        question, q = user_text(tok, s), tok.encode(user_text(tok, s))
+        assert question.startswith(("what color is the", "horizontally", "vertically"))
+        assert s.ids.index(tok.image_id) < next(i for i in range(len(s.ids)) if s.ids[i: i + len(q)] == q)
 
 
 def test_halo_keys_only_finds_by_the_wide_view_and_reads_the_own_window(tok):
@@ -215,6 +252,8 @@ def test_halo_keys_only_finds_by_the_wide_view_and_reads_the_own_window(tok):
     assert all(bool(p.grad.isfinite().all()) for p in vlm.parameters() if p.grad is not None)
     with pytest.raises(ValueError, match="halo_keys_only"):
         make_vlm(tok, "cross", resampler_grid=True, halo_keys_only=True)  # no halo to keep to the keys
+    with pytest.raises(ValueError, match="latents_see_all"):
+        make_vlm(tok, "cross", latents_see_all=True)  # a free resampler's latents see each other already
 
 
 def test_pixel_shuffle_and_grid_sizes():

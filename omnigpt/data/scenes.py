@@ -235,6 +235,16 @@ class QA:
     answer: str
     detail: str = ""  # e.g. the relation of a position question
     refs: tuple[int, ...] = ()  # indices in scene.objects of the objects the question names, in order
+    mentions: tuple[int, ...] = ()  # per named object, where its phrase ends in `question` (a character offset)
+
+
+def ends_of(question: str, phrases: list[str]) -> tuple[int, ...]:
+    """Where each phrase ends in the question, found in order ("... the red star relative to the star?")."""
+    ends, at = [], 0
+    for p in phrases:
+        at = question.index(f"the {p}", at) + len(f"the {p}")
+        ends.append(at)
+    return tuple(ends)
 
 
 def matches(o: Obj, attrs: dict) -> bool:
@@ -260,7 +270,8 @@ def color_questions(scene: Scene) -> list[QA]:
     out = []
     for i, o in enumerate(scene.objects):
         if ref := referent(scene, o, COLOR_REFS):
-            out.append(QA("color", f"what color is the {ref}?", o.color, refs=(i,)))
+            q = f"what color is the {ref}?"
+            out.append(QA("color", q, o.color, refs=(i,), mentions=ends_of(q, [ref])))
     return out
 
 
@@ -268,7 +279,8 @@ def shape_questions(scene: Scene) -> list[QA]:
     out = []
     for i, o in enumerate(scene.objects):
         if ref := referent(scene, o, SHAPE_REFS):
-            out.append(QA("shape", f"what shape is the {ref}?", o.shape, refs=(i,)))
+            q = f"what shape is the {ref}?"
+            out.append(QA("shape", q, o.shape, refs=(i,), mentions=ends_of(q, [ref])))
     return out
 
 
@@ -317,8 +329,9 @@ def position_questions(scene: Scene, rng: random.Random, max_pairs: int = 8, rea
         answer = (first if relation_holds(a, first, b) else second).removesuffix(" of")
         unit, ia, ib = ("column", a.col, b.col) if axis == "horizontally" else ("row", a.row, b.row)
         steps = f"{unit} {ia + 1} vs {unit} {ib + 1}: " if reasoning else ""
-        out.append(QA("position", f"{axis}, where is the {refs[a]} relative to the {refs[b]}?", steps + answer, answer,
-                      (scene.objects.index(a), scene.objects.index(b))))
+        q = f"{axis}, where is the {refs[a]} relative to the {refs[b]}?"
+        out.append(QA("position", q, steps + answer, answer, (scene.objects.index(a), scene.objects.index(b)),
+                      ends_of(q, [refs[a], refs[b]])))
     return out
 
 
@@ -328,7 +341,8 @@ def where_questions(scene: Scene) -> list[QA]:
     out = []
     for i, o in enumerate(scene.objects):
         if ref := referent(scene, o, OBJECT_REFS):
-            out.append(QA("where", f"where is the {ref}?", f"row {o.row + 1}, column {o.col + 1}", refs=(i,)))
+            q = f"where is the {ref}?"
+            out.append(QA("where", q, f"row {o.row + 1}, column {o.col + 1}", refs=(i,), mentions=ends_of(q, [ref])))
     return out
 
 

@@ -36,6 +36,7 @@ class Sample:
     n: int = 0  # objects per scene
     prompt_len: int = 0  # chat samples: ids[:prompt_len] is the generation prompt
     ground_cells: list[int] | None = None  # qa: sb.token_labels of the first question's objects in its image's grid
+    ground_mentions: list[int] | None = None  # qa: the token position where the first question names each object
 
 
 def shapebind_tokenizer(vocab_size: int = 512, n_scenes: int = 1000):
@@ -103,14 +104,35 @@ def text_sample(tok, text: str) -> Sample:
     return Sample(ids, [0] + [1] * (len(ids) - 1), [], "text")
 
 
-def scene_qa_sample(tok, image_tokens: int, scene: sb.Scene, qa: sb.QA, image: np.ndarray | None = None) -> Sample:
+def scene_qa_sample(tok, image_tokens: int, scene: sb.Scene, qa: sb.QA, image: np.ndarray | None = None,
+                    question_first: bool = True) -> Sample:
     image = sb.render_array(scene) if image is None else image
-    return chat_sample(tok, image_tokens, [image], qa.question, qa.answer, f"qa:{qa.type}", len(scene.objects))
+    return chat_sample(tok, image_tokens, [image], qa.question, qa.answer, f"qa:{qa.type}", len(scene.objects),
+                       question_first=question_first)
 
 
-def caption_sample(tok, image_tokens: int, scene: sb.Scene, image: np.ndarray | None = None) -> Sample:
+def caption_sample(tok, image_tokens: int, scene: sb.Scene, image: np.ndarray | None = None,
+                   question_first: bool = True) -> Sample:
     image = sb.render_array(scene) if image is None else image
-    return chat_sample(tok, image_tokens, [image], "describe the image.", sb.caption(scene), "caption", len(scene.objects))
+    return chat_sample(tok, image_tokens, [image], "describe the image.", sb.caption(scene), "caption", len(scene.objects),
+                       question_first=question_first)
+
+
+def mention_positions(tok, ids: list[int], question: str, ends: tuple[int, ...]) -> list[int] | None:
+    """The positions in `ids` of the last token of each phrase that names an object (`sb.QA.mentions`), in the
+    first place the question's tokens occur; None when they do not occur, or a phrase does not end on a token
+    boundary."""
+    q = tok.encode(question)
+    start = next((i for i in range(len(ids) - len(q) + 1) if ids[i: i + len(q)] == q), None)
+    if start is None:
+        return None
+    out = []
+    for end in ends:
+        head = tok.encode(question[:end])
+        if head != q[: len(head)]:
+            return None
+        out.append(start + len(head) - 1)
+    return out
 
 
 def pick_question(rng: random.Random, scene: sb.Scene, qtype: str) -> sb.QA | None:
@@ -118,7 +140,8 @@ def pick_question(rng: random.Random, scene: sb.Scene, qtype: str) -> sb.QA | No
     return rng.choice(qs) if qs else None
 
 
-def multi_sample(tok, image_tokens: int, rng: random.Random, pair: list[tuple[sb.Scene, np.ndarray]]) -> Sample | None:
+def multi_sample(tok, image_tokens: int, rng: random.Random, pair: list[tuple[sb.Scene, np.ndarray]],
+                 question_first: bool = True) -> Sample | None:
     """Two images in one turn; a colour or count question about one of them ("in the second image, ...")."""
     which = rng.randrange(len(pair))
     scene = pair[which][0]
@@ -126,7 +149,8 @@ def multi_sample(tok, image_tokens: int, rng: random.Random, pair: list[tuple[sb
     if qa is None:
         return None
     question = f"in the {sb.ORDINALS[which]} image, {qa.question}"
-    return chat_sample(tok, image_tokens, [im for _, im in pair], question, qa.answer, "multi", len(scene.objects))
+    return chat_sample(tok, image_tokens, [im for _, im in pair], question, qa.answer, "multi", len(scene.objects),
+                       question_first=question_first)
 
 
 # ---- scenes: drawn fresh, or from a pool rendered once --------------------------------------------------------
@@ -186,6 +210,7 @@ class Mix:
     qa_types: tuple[str, ...] = sb.QA_TYPES
     max_turns: int = 1  # qa: up to this many questions about the same image, one chat turn each
     ground: bool = False  # qa: label the image's grid cells with the objects the first question names (Sample.ground_cells)
+    image_first: bool = False  # chat samples: the images before the question text in the user turn (Flamingo's layout)
 
     def kinds(self) -> tuple[list[str], list[float]]:
         names = ["qa", "caption", "multi", "doc", "pair", "real", "text"]
@@ -212,7 +237,7 @@ def random_sample(rng: random.Random, tok, image_tokens: int, mix: Mix, *, n_ran
             pair = rng.choice(real_pairs)
             return document_sample(tok, image_tokens, [np.asarray(load_pair_image(pair, image_size)), pair.caption], "real")
         if kind == "multi":
-            if s := multi_sample(tok, image_tokens, rng, [scene(), scene()]):
+            if s := multi_sample(tok, image_tokens, rng, [scene(), scene()], not mix.image_first):
                 return s
             continue
         if kind == "doc":
@@ -223,14 +248,16 @@ def random_sample(rng: random.Random, tok, image_tokens: int, mix: Mix, *, n_ran
         if kind == "pair":
             return document_sample(tok, image_tokens, [image, sb.caption(sc)], "pair")
         if kind == "caption":
-            return caption_sample(tok, image_tokens, sc, image)
+            return caption_sample(tok, image_tokens, sc, image, not mix.image_first)
         qas = [q for q in (pick_question(rng, sc, rng.choice(mix.qa_types)) for _ in range(rng.randint(1, mix.max_turns))) if q]
         while qas:
             more = [(q.question, q.answer) for q in qas[1:]]
-            s = chat_sample(tok, image_tokens, [image], qas[0].question, qas[0].answer, f"qa:{qas[0].type}", len(sc.objects), more)
+            s = chat_sample(tok, image_tokens, [image], qas[0].question, qas[0].answer, f"qa:{qas[0].type}", len(sc.objects),
+                            more, question_first=not mix.image_first)
             if max_len is None or len(s.ids) <= max_len or len(qas) == 1:
                 if mix.ground and qas[0].refs:
                     s.ground_cells = sb.token_labels(sc, qas[0].refs, ground_grid)
+                    s.ground_mentions = mention_positions(tok, s.ids, qas[0].question, qas[0].mentions)
                 return s
             qas.pop()  # too long: fewer turns
 
@@ -242,9 +269,10 @@ class Grounding:
 
     cells_BG: torch.Tensor  # (B, g*g) long: Sample.ground_cells of each row's first image; IGNORE in rows without
     answer_BT: torch.Tensor  # (B, T) bool: the positions that predict the first answer of a grounded row
+    mention_BT: torch.Tensor  # (B, T) long: k + 1 at the last token of the phrase naming the k-th object, else 0
 
     def to(self, device) -> Grounding:
-        return Grounding(self.cells_BG.to(device, non_blocking=True), self.answer_BT.to(device, non_blocking=True))
+        return Grounding(*(t.to(device, non_blocking=True) for t in (self.cells_BG, self.answer_BT, self.mention_BT)))
 
 
 def first_answer(mask: list[int]) -> list[int]:
@@ -282,11 +310,14 @@ def collate(samples: list[Sample], pad_id: int, image_size: int) -> VLBatch:
     ground = None
     if any(s.ground_cells for s in samples):
         G = max(len(s.ground_cells) for s in samples if s.ground_cells)
-        ground = Grounding(torch.full((len(samples), G), IGNORE, dtype=torch.long), torch.zeros(len(samples), T, dtype=torch.bool))
+        ground = Grounding(torch.full((len(samples), G), IGNORE, dtype=torch.long), torch.zeros(len(samples), T, dtype=torch.bool),
+                           torch.zeros(len(samples), T, dtype=torch.long))
         for b, s in enumerate(samples):
             if s.ground_cells:
                 ground.cells_BG[b] = torch.tensor(s.ground_cells)
                 ground.answer_BT[b, first_answer(s.mask)] = True
+                for k, t in enumerate(s.ground_mentions or []):
+                    ground.mention_BT[b, t] = k + 1
     images = [im for s in samples for im in s.images]
     images_t = torch.from_numpy(np.stack(images)) if images else torch.zeros(0, image_size, image_size, 3, dtype=torch.uint8)
     return VLBatch(inputs, targets, images_t, [s.kind for s in samples], ground)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import random
+import re
 
 import numpy as np
 import torch
@@ -34,7 +35,9 @@ def eval_scene(sid: str, n: int, image_size: int) -> tuple[sb.Scene, np.ndarray]
 
 
 def eval_samples(tok, image_tokens: int, n: int, per_type: int = 50, image_size: int = 128,
-                 types: tuple[str, ...] = EVAL_TYPES, seed: int = 0) -> list[Sample]:
+                 types: tuple[str, ...] = EVAL_TYPES, seed: int = 0, question_first: bool = True) -> list[Sample]:
+    """per_type held-out samples of each type with N objects; question_first=False puts the images first in the
+    user turn (a model trained so: VLMConfig.image_first)."""
     out = []
     for qtype in types:
         rng = random.Random(f"eval:{seed}:{n}:{qtype}")
@@ -43,13 +46,14 @@ def eval_samples(tok, image_tokens: int, n: int, per_type: int = 50, image_size:
             sid = f"eval{seed}:{n}:{qtype}:{i}"
             i += 1
             if qtype == "multi":
-                s = multi_sample(tok, image_tokens, rng, [eval_scene(f"{sid}.{k}", n, image_size) for k in range(2)])
+                s = multi_sample(tok, image_tokens, rng, [eval_scene(f"{sid}.{k}", n, image_size) for k in range(2)],
+                                 question_first)
             elif qtype == "caption":
-                s = caption_sample(tok, image_tokens, *eval_scene(sid, n, image_size))
+                s = caption_sample(tok, image_tokens, *eval_scene(sid, n, image_size), question_first)
             else:
                 scene, image = eval_scene(sid, n, image_size)
                 qa = pick_question(rng, scene, qtype)
-                s = scene_qa_sample(tok, image_tokens, scene, qa, image) if qa else None
+                s = scene_qa_sample(tok, image_tokens, scene, qa, image, question_first) if qa else None
             if s is not None:
                 out.append(s)
                 got += 1
@@ -97,15 +101,15 @@ def eval_vqa(vlm: VLM, tok, n_values=(1, 2, 4, 8, 12, 16), per_type: int = 50, t
              batch_size: int = 64, seed: int = 0, log=print) -> dict:
     """{"by_n": {N: {type: accuracy}}, "examples": [...a few wrong answers...]}."""
     return score_vqa(lambda samples: answer_samples(vlm, tok, samples, batch_size), tok, vlm.cfg.image_tokens,
-                     vlm.cfg.vision.image_size, n_values, per_type, types, seed, log)
+                     vlm.cfg.vision.image_size, n_values, per_type, types, seed, log, question_first=not vlm.cfg.image_first)
 
 
 def score_vqa(answer, tok, image_tokens: int, image_size: int, n_values, per_type: int, types=EVAL_TYPES,
-              seed: int = 0, log=print) -> dict:
+              seed: int = 0, log=print, question_first: bool = True) -> dict:
     """The held-out questions for each N, answered by `answer(samples) -> texts`, scored by exact match."""
     by_n, wrong = {}, []
     for n in n_values:
-        samples = eval_samples(tok, image_tokens, n, per_type, image_size, types, seed)
+        samples = eval_samples(tok, image_tokens, n, per_type, image_size, types, seed, question_first)
         answers = answer(samples)
         scores: dict[str, list[int]] = {}
         for s, a in zip(samples, answers):
@@ -120,9 +124,9 @@ def score_vqa(answer, tok, image_tokens: int, image_size: int, n_values, per_typ
 
 
 def user_text(tok, s: Sample) -> str:
-    """The question of a sample's (single) user turn: its text part, before the image placeholders."""
-    prompt = tok.decode(s.ids[: s.prompt_len])
-    return prompt.split("<|im_start|>user\n", 1)[-1].split("<|image_start|>", 1)[0]
+    """The question of a sample's (single) user turn: its text, without the image placeholders (before or after it)."""
+    turn = tok.decode(s.ids[: s.prompt_len]).split("<|im_start|>user\n", 1)[-1].split("<|im_end|>", 1)[0]
+    return re.sub(r"<\|image_start\|>.*?<\|image_end\|>", "", turn, flags=re.S)
 
 
 def api_answers(lm, tok, samples: list[Sample]) -> list[str]:

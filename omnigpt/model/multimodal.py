@@ -22,7 +22,9 @@ grid cell marked as showing the question's first named object, its second, or ne
   come after the question: they learn to mark the objects asked about, and later layers attend to the marks.
 - cross: the latents do not see the question, so the text must find the objects: at every position of the answer,
   heads 0 and 1 of the gated cross-attention block after layer ground_layer learn to put their attention on the
-  latents of the first and second named object (pointer_loss; the values they read then carry where it is).
+  latents of the first and second named object (pointer_loss; the values they read then carry where it is). With
+  image_first and pointer="mention", head 0 learns it at the question's own words instead: the last word of each
+  phrase that names an object points at that object, and the answer reads those words (pointer_targets).
 
 Where an image token is (inline, mlp connector: the L tokens are a gh x gw grid in reading order):
 - pos2d (default on): a fixed 2-D sin-cos (row, column) embedding added to the patch features before the connector;
@@ -68,6 +70,7 @@ class VLMConfig:
     resampler_grid: bool = False  # resampler: latents on a sqrt(L) x sqrt(L) grid, each reading only its window of patches
     resampler_halo: int = 0  # resampler_grid: a latent also reads the windows up to this many cells away (whole objects)
     halo_keys_only: bool = False  # cross: the halo widens what the keys read, the values read each place's own window
+    latents_see_all: bool = False  # resampler_grid: a latent reads every latent (Flamingo's keys), patches stay windowed
     qk_norm: bool = True  # RMSNorm on each head's queries and keys in the resampler and the gated cross-attention blocks
     cross_every: int = 1  # cross: a gated cross-attention block before layers 0, n, 2n, ...
     feature_layer: int = -1  # vision block whose output feeds the connector (-2: the penultimate, as LLaVA)
@@ -76,6 +79,8 @@ class VLMConfig:
     pos_lm: bool = False  # inline mlp: add a learned (row, column) embedding in the LM's width after the connector
     mrope: bool = False  # inline mlp: image tokens get 2-D rotary positions in the LM (M-RoPE; see mrope_positions)
     ground_layer: int | None = None  # grounding loss on this LM layer's output (None: none); needs image tokens on a grid
+    pointer: str = "answer"  # cross grounding: heads point at the named objects from the answer, the "mention"s, or "both"
+    image_first: bool = False  # chat prompts put the images before the question text (training and evaluation)
 
     def __post_init__(self):
         if isinstance(self.vision, dict):
@@ -104,6 +109,13 @@ class VLMConfig:
         if self.resampler_halo < 0 or (self.resampler_halo and not (self.resampler_grid and self.uses_resampler)):
             raise ValueError(f"invalid VLMConfig: resampler_halo={self.resampler_halo} needs a grid resampler "
                              "(resampler_grid and cross fusion or connector='resampler') and must be >= 0")
+        if self.pointer not in ("answer", "mention", "both"):
+            raise ValueError(f"invalid VLMConfig: pointer={self.pointer!r}; choose answer, mention or both")
+        if self.pointer != "answer" and not (self.fusion == "cross" and self.image_first):
+            raise ValueError(f"invalid VLMConfig: pointer={self.pointer!r} grounds the question's words in the image: it "
+                             "needs cross fusion with image_first (a word sees only the images before it)")
+        if self.latents_see_all and not (self.resampler_grid and self.uses_resampler):
+            raise ValueError("invalid VLMConfig: latents_see_all needs a grid resampler (a free resampler's latents see all)")
         if self.halo_keys_only and not (self.resampler_halo and self.fusion == "cross"):
             raise ValueError("invalid VLMConfig: halo_keys_only needs cross fusion and resampler_halo >= 1")
         if self.ground_layer is not None:
@@ -284,16 +296,18 @@ class ResamplerLayer(nn.Module):
         return lat_NLD + self.mlp(self.mlp_norm(lat_NLD))
 
 
-def window_mask(grid: int, latent_grid: int, halo: int = 0) -> torch.Tensor:
+def window_mask(grid: int, latent_grid: int, halo: int = 0, see_all: bool = False) -> torch.Tensor:
     """(L, P + L) bool for a resampler whose L = g*g latents sit on a grid over the grid x grid patches: latent
     (i, j) sees the patches of its window (rows i*s .. i*s+s-1, columns j*s .., s = grid / g) and itself; with a
     halo h, the windows of cells up to h rows and columns away too (overlapping windows: a latent at an object's
-    edge sees the whole object, and stays centred on its own place)."""
+    edge sees the whole object, and stays centred on its own place); with see_all, every latent (each place can
+    learn from the others what it is part of, and still reads pixels only in its window)."""
     s, g = grid // latent_grid, latent_grid
     cell = torch.arange(grid) // s  # the latent row (column) of each patch row (column)
     near = (cell[None, :] - torch.arange(g)[:, None]).abs() <= halo  # (g, grid): latent row i sees patch row r
     sees = (near[:, None, :, None] & near[None, :, None, :]).reshape(g * g, grid * grid)
-    return torch.cat([sees, torch.eye(g * g, dtype=torch.bool)], dim=1)
+    latents = torch.ones(g * g, g * g, dtype=torch.bool) if see_all else torch.eye(g * g, dtype=torch.bool)
+    return torch.cat([sees, latents], dim=1)
 
 
 class Resampler(nn.Module):
@@ -304,15 +318,15 @@ class Resampler(nn.Module):
     [the wide view | the place's own window], for cross-attention that finds by the one and reads the other."""
 
     def __init__(self, d_in: int, d_out: int, n_latents: int, n_layers: int, n_heads: int, grid: int | None = None,
-                 qk_norm: bool = False, halo: int = 0, halo_keys_only: bool = False):
+                 qk_norm: bool = False, halo: int = 0, halo_keys_only: bool = False, see_all: bool = False):
         super().__init__()
         self.proj_in = nn.Linear(d_in, d_out)
         self.latents = nn.Parameter(torch.randn(n_latents, d_out) * 0.02)
         self.layers = nn.ModuleList(ResamplerLayer(d_out, n_heads, qk_norm) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_out)
-        mask = window_mask(grid, math.isqrt(n_latents), halo) if grid else None
+        mask = window_mask(grid, math.isqrt(n_latents), halo, see_all) if grid else None
         self.register_buffer("mask_LS", mask, persistent=False)
-        own = window_mask(grid, math.isqrt(n_latents)) if halo_keys_only else None
+        own = window_mask(grid, math.isqrt(n_latents), see_all=see_all) if halo_keys_only else None
         self.register_buffer("own_LS", own, persistent=False)
 
     def forward(self, x_NPV):
@@ -435,22 +449,37 @@ def first_image_labels(ids_BT: torch.Tensor, image_id: int, cells_BG: torch.Tens
     return torch.where(first, labels, torch.full_like(labels, IGNORE))
 
 
-def pointer_loss(logits_BKTQ: torch.Tensor, visible_BTQ: torch.Tensor, cells_BG: torch.Tensor, answer_BT: torch.Tensor) -> torch.Tensor:
-    """Cross fusion's grounding loss: head k of the grounded block (k = 0, 1) should put its attention, at every
-    position of the answer, on the latents (the first image's grid cells) of the question's (k+1)-th named object:
-    mean over (row, answer position, head whose object the row names) of -log(attention mass on those cells)."""
+def pointer_loss(logits_BKTQ: torch.Tensor, visible_BTQ: torch.Tensor, cells_BG: torch.Tensor,
+                 points: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
+    """Cross fusion's grounding loss. Each point (head h, object k, where_BT) asks head h of the grounded block to
+    put its attention, at the positions where_BT, on the latents (the first image's grid cells) of the question's
+    k-th named object: mean over (row, position, point) of -log(attention mass on those cells). Rows whose
+    question names no k-th object are left out."""
     # a finite "minus infinity": rows that see nothing (text before the image) stay finite, not NaN, in both passes;
     # and no boolean indexing or .item(), so a training step never waits for the GPU here
     G, neg = cells_BG.shape[1], torch.finfo(torch.float32).min
     logp = logits_BKTQ.float().masked_fill(~visible_BTQ.unsqueeze(1), neg).log_softmax(-1)[..., :G]
     terms, n = logp.new_zeros(()), logp.new_zeros(())
-    for k in range(logits_BKTQ.shape[1]):
-        target_BG = cells_BG == k + 1
-        use_BT = answer_BT & target_BG.any(1, keepdim=True)
-        mass_BT = logp[:, k].masked_fill(~target_BG.unsqueeze(1), neg).logsumexp(-1)
+    for h, k, where_BT in points:
+        target_BG = cells_BG == k
+        use_BT = where_BT & target_BG.any(1, keepdim=True)
+        mass_BT = logp[:, h].masked_fill(~target_BG.unsqueeze(1), neg).logsumexp(-1)
         terms = terms - torch.where(use_BT, mass_BT, 0.0).sum()
         n = n + use_BT.sum()
     return terms / n.clamp(min=1)
+
+
+def pointer_targets(pointer: str, ground) -> list[tuple[int, int, torch.Tensor]]:
+    """What cross fusion's pointer heads learn (pointer_loss's points). answer: at every position of the answer,
+    head 0 points at the first named object and head 1 at the second. mention: at the last word of the phrase that
+    names an object ("... the red *star* ..."), head 0 points at that object; with the images first, the question's
+    own words then carry what they name, and the answer reads them like any earlier word."""
+    points = []
+    if pointer in ("answer", "both"):
+        points += [(0, 1, ground.answer_BT), (1, 2, ground.answer_BT)]
+    if pointer in ("mention", "both"):
+        points += [(0, 1, ground.mention_BT == 1), (0, 2, ground.mention_BT == 2)]
+    return points
 
 
 class VLM(nn.Module):
@@ -463,7 +492,7 @@ class VLM(nn.Module):
         if cfg.uses_resampler:
             self.connector = Resampler(V, D, cfg.n_latents, cfg.resampler_layers, cfg.resampler_heads,
                                        grid=cfg.vision.grid if cfg.resampler_grid else None, qk_norm=cfg.qk_norm,
-                                       halo=cfg.resampler_halo, halo_keys_only=cfg.halo_keys_only)
+                                       halo=cfg.resampler_halo, halo_keys_only=cfg.halo_keys_only, see_all=cfg.latents_see_all)
         else:
             self.connector = MLPConnector(V * cfg.pixel_shuffle ** 2, D)
         self.xattn = nn.ModuleDict({str(i): GatedCrossBlock(cfg.text, cfg.text.n_heads, cfg.qk_norm, cfg.halo_keys_only)
@@ -566,7 +595,7 @@ class VLM(nn.Module):
         block = self.xattn[str(self.cfg.ground_layer + 1)]
         q, k, _ = block.attn.heads(block.attn_norm(x_BTD), media.media_BQD.to(x_BTD.dtype))
         logits = (q[:, :2] @ k[:, :2].transpose(-1, -2)) * q.shape[-1] ** -0.5  # heads 0 and 1, as SDPA scales them
-        return pointer_loss(logits, media.visible_BTQ, ground.cells_BG, ground.answer_BT)
+        return pointer_loss(logits, media.visible_BTQ, ground.cells_BG, pointer_targets(self.cfg.pointer, ground))
 
     # -- training helpers ------------------------------------------------------------------------------------
     def parts(self) -> dict[str, list[nn.Parameter]]:

@@ -189,10 +189,10 @@ def cmd_ask(args) -> None:
             if im.width * im.height > 40_000_000:
                 raise ValueError(f"{path}: {im.width}x{im.height} is too many pixels")
             images.append(im.convert("RGB"))
-    # question first, as in training (the image tokens then see the question) and as the web page and chat send it
+    # question first, as the web page and chat send it; a model trained with the images first gets them first
     content = [{"type": "text", "text": args.question}] + [{"type": "image_url", "image_url": {"url": p}} for p in args.image]
     prompt, _ = render_chat(tok, [{"role": "user", "content": content}], add_generation_prompt=True,
-                            image_tokens=vlm.cfg.image_tokens)
+                            image_tokens=vlm.cfg.image_tokens, images_first=vlm.cfg.image_first)
     pixels = preprocess(images, vlm.cfg.vision).to(device)
     g = generate_vlm(vlm, [prompt], pixels, SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens),
                      eos_ids=(tok.im_end_id, tok.eot_id), decode=tok.decode, vocab_size=tok.vocab_size)[0]

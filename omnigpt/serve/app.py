@@ -350,7 +350,8 @@ def chat_prompt(state: ServingState, messages: list[P.ChatMessage]):
                 images.append(preprocess([image], vlm.cfg.vision))  # at once: one full-size image in memory at most
                 content.append({"type": "image_url", "image_url": {"url": part.image_url.url}})
         plain.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-    ids, _ = render_chat(state.tok, plain, add_generation_prompt=True, image_tokens=vlm.cfg.image_tokens if vlm else 0)
+    ids, _ = render_chat(state.tok, plain, add_generation_prompt=True, image_tokens=vlm.cfg.image_tokens if vlm else 0,
+                         images_first=bool(vlm and vlm.cfg.image_first))
     return ids, (torch.cat(images) if images else None)
 
 

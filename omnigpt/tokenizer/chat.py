@@ -67,10 +67,12 @@ def image_urls(messages: list[dict]) -> list[str]:
 
 
 def render_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = False,
-                image_tokens: int = 0) -> tuple[list[int], list[int]]:
+                image_tokens: int = 0, images_first: bool = False) -> tuple[list[int], list[int]]:
     """messages -> (ids, loss_mask), loss_mask 1 exactly on assistant text and its <|im_end|>.
 
-    image_tokens: `<|image|>` placeholders per image_url part; 0 (the default, a text-only model) refuses images."""
+    image_tokens: `<|image|>` placeholders per image_url part; 0 (the default, a text-only model) refuses images.
+    images_first: each message's images go before its text, in their order (a model trained so, whatever order a
+    client sends: VLMConfig.image_first); the images keep their order in the conversation."""
     ids: list[int] = []
     mask: list[int] = []
 
@@ -84,7 +86,10 @@ def render_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: boo
             raise ValueError(f"bad chat role {role!r}: expected one of {', '.join(ROLES)}")
         learn = role == "assistant"
         add([tok.im_start_id] + tok.encode(f"{role}\n"), False)
-        for kind, value in merge_text(content_parts(m.get("content"))):
+        parts = content_parts(m.get("content"))
+        if images_first:
+            parts = sorted(parts, key=lambda part: part[0] != "image_url")  # stable: images, then text, each in order
+        for kind, value in merge_text(parts):
             if kind == "text":
                 add(tok.encode(value), learn)
             elif image_tokens <= 0:

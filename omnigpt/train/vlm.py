@@ -147,7 +147,8 @@ def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, 
     opt = stage_optimizer(model, stage.lr, stage.vision_lr_scale, weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
     ground_grid = (model.cfg.ground_grid or 0) if isinstance(model, VLM) and stage.mix.ground else 0
-    stream = SampleStream(tok, image_tokens, stage.mix, data.batch_size, seed=zlib.crc32(f"{data.seed}:{stage.name}".encode()),
+    mix = replace(stage.mix, image_first=model.cfg.image_first) if isinstance(model, VLM) else stage.mix
+    stream = SampleStream(tok, image_tokens, mix, data.batch_size, seed=zlib.crc32(f"{data.seed}:{stage.name}".encode()),
                           n_range=data.n_range, image_size=data.image_size, max_len=data.max_len, pool=pool,
                           ground_grid=ground_grid)
     it = batches(stream, data.workers)
@@ -253,7 +254,10 @@ class Recipe:
     ground_layer: int = 2  # the LM layer whose output the grounding head (inline) or the grounded block (cross) reads
     resampler_grid: bool = True  # cross: each latent reads one window of patches (a grid the grounding loss can name)
     resampler_halo: int = 0  # cross: ... and the windows this many cells around it (VLMConfig.resampler_halo)
-    halo_keys_only: bool = False  # cross: the halo for the keys only (VLMConfig.halo_keys_only; run 13's halo lost colours)
+    halo_keys_only: bool = False  # cross: the halo for the keys only (VLMConfig.halo_keys_only; worse in run 14)
+    latents_see_all: bool = False  # cross: grid latents also read each other (VLMConfig.latents_see_all)
+    image_first: bool = False  # cross: images before the question in the user turn (Flamingo's layout; VLMConfig.image_first)
+    pointer: str = "answer"  # cross: where the pointer heads learn to find the named objects (VLMConfig.pointer)
 
     def override(self, pairs: list[str]) -> Recipe:
         """FIELD=VALUE pairs, VALUE in JSON (numbers, null, lists, objects): omnigpt.config.override_fields."""
@@ -277,10 +281,11 @@ def build_vlm(recipe: Recipe, mode: str, tok, vision, lm) -> VLM:
     cfg = VLMConfig(vision=vision.cfg, text=lm.cfg, image_id=tok.image_id, fusion=mode, connector="mlp",
                     pixel_shuffle=recipe.pixel_shuffle if inline else 1, n_latents=recipe.n_latents,
                     resampler_grid=recipe.resampler_grid and not inline, resampler_halo=recipe.resampler_halo if not inline else 0,
-                    halo_keys_only=recipe.halo_keys_only and not inline,
+                    halo_keys_only=recipe.halo_keys_only and not inline, latents_see_all=recipe.latents_see_all and not inline,
                     cross_every=recipe.cross_every, pos2d_scale=recipe.pos2d_scale, feature_layer=recipe.feature_layer,
                     mrope=recipe.mrope and inline, pos_lm=recipe.pos_lm and inline,
-                    ground_layer=recipe.ground_layer if grounded(recipe, mode) else None)
+                    ground_layer=recipe.ground_layer if grounded(recipe, mode) else None,
+                    image_first=recipe.image_first and not inline, pointer="answer" if inline else recipe.pointer)
     return VLM(cfg, vision=copy.deepcopy(vision), lm=copy.deepcopy(lm))
 
 
