@@ -24,7 +24,9 @@ On the GPU (benchmarks/RESULTS.md): (5) which object is *where* stays at chance 
 meets the target (colour 97.5-100%, position 95-98% at N <= 4); (6) cross-attention needed QK-norm to train
 stably for long, and its grounding (a grid resampler and two pointer heads) grounds "where" at N = 1 but not yet
 colour and position at N >= 2 (runs 10, 12); (7) overlapping resampler windows (resampler_halo=1) lift position to
-76-87% and drop colour to 21-40% at N = 2-4 (run 13): halo_keys_only keeps the overlap for the keys only (untried).
+76-87% and drop colour to 21-40% at N = 2-4 (run 13); taking only the keys from the overlap (run 14), finer 8 px
+latents with or without a halo (runs 15, 16) and latents that read each other (run 17) did not do better: a latent
+that sees a whole object is found and loses its colour, one that sees only its place keeps it and is not found.
 Results: the table on stdout, JSON + checkpoints in --out (default runs/vision_shapebind).
 """
 

@@ -31,9 +31,9 @@ def tok():
 VC = VisionConfig(image_size=64, patch_size=16, d_model=32, n_layers=2, n_heads=2, d_ff=64)
 
 
-def make_vlm(tok, fusion, **kw):
+def make_vlm(tok, fusion, n_layers=2, **kw):
     torch.manual_seed(0)
-    text = tiny(vocab_size=tok.padded_vocab_size(), d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=96)
+    text = tiny(vocab_size=tok.padded_vocab_size(), d_model=32, n_layers=n_layers, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=96)
     cfg = VLMConfig(VC, text, image_id=tok.image_id, fusion=fusion, n_latents=4, resampler_layers=1, resampler_heads=2, **kw)
     return VLM(cfg)
 
@@ -167,6 +167,16 @@ def test_grid_resampler_latents_read_only_their_window():
         y = x.clone()
         y[0, 1 * 4 + 3] += 1.0
         assert ((see_all(x) - see_all(y)).abs().amax(-1)[0] > 1e-6).tolist() == expect
+    # window queries: with no layer at all, latent (i, j) is its learned vector plus the mean of its own window
+    wq = Resampler(8, 16, n_latents=4, n_layers=0, n_heads=2, grid=4, window_queries=True).eval()
+    x = torch.randn(1, 16, 8)
+    own = x[0].view(2, 2, 2, 2, 8).permute(0, 2, 1, 3, 4).reshape(4, 4, 8).mean(1)  # (latent, its 2 x 2 patches)
+    torch.testing.assert_close(wq(x)[0], wq.norm(wq.latents + wq.proj_in(own)))
+    # and it still reads only its window through the layers
+    wq = Resampler(8, 16, n_latents=4, n_layers=2, n_heads=2, grid=4, qk_norm=True, window_queries=True).eval()
+    y = x.clone()
+    y[0, 1 * 4 + 3] += 1.0
+    assert ((wq(x) - wq(y)).abs().amax(-1)[0] > 1e-6).tolist() == [False, True, False, False]
 
 
 def test_cross_grounding_points_two_heads_at_the_named_objects(tok):
@@ -227,6 +237,42 @@ def test_mention_pointer_grounds_the_question_words_when_the_image_comes_first(t
         assert s.ids.index(tok.image_id) < next(i for i in range(len(s.ids)) if s.ids[i: i + len(q)] == q)
 
 
+def test_two_hop_points_at_the_object_on_the_wide_view_then_on_the_narrow_one(tok):
+    from omnigpt.model.multimodal import pointer_loss, sincos_2d
+
+    vlm = make_vlm(tok, "cross", n_layers=3, resampler_grid=True, resampler_halo=1, two_hop=True, ground_layer=0)
+    L, D = vlm.cfg.n_latents, vlm.cfg.text.d_model
+    assert vlm.cfg.tokens_per_image == 2 * L and vlm.cfg.image_tokens == 1
+    # an image is 2L media tokens: the L wide latents (each sees the whole 4 x 4 patches here), then the L narrow ones
+    batch = grounded_batch(tok, vlm.cfg.image_tokens, vlm.cfg.ground_grid, qtype="position", n=3)
+    pixels = normalize(batch.images, VC)
+    tokens, grid = vlm.vision.patch_tokens(pixels[:1], -1)
+    tokens = tokens + sincos_2d(*grid, tokens.shape[-1])
+    moved = tokens.clone()
+    moved[0, 0] += 1.0  # patch (0, 0): the window of latent (0, 0)
+    diff = (vlm.connector(tokens) - vlm.connector(moved)).abs()
+    wide, narrow = (diff[0, :, :D].amax(-1) > 1e-6).tolist(), (diff[0, :, D:].amax(-1) > 1e-6).tolist()
+    assert (wide, narrow) == ([True] * 4, [True, False, False, False])
+    wide_then_narrow = torch.cat(vlm.connector(tokens).chunk(2, dim=-1), dim=1)
+    torch.testing.assert_close(vlm.encode_images(pixels[:1]), wide_then_narrow)
+    # the second look's loss counts attention on the narrow copies of the cells (media L .. 2L)
+    cells, answer = torch.tensor([[0, 1, 0, 0]]), torch.tensor([[False, True]])
+    on_narrow = torch.full((1, 2, 2, 2 * L), -30.0)
+    on_narrow[0, 0, :, L + 1] = 30.0
+    points, visible = [(0, 1, answer)], torch.ones(1, 2, 2 * L, dtype=torch.bool)
+    assert float(pointer_loss(on_narrow, visible, cells, points, offset=L)) < 1e-6
+    assert float(pointer_loss(on_narrow, visible, cells, points)) > 10
+    # both looks train: the pointer heads of the grounded block and of the next one get gradients
+    out = vlm(batch.inputs, batch.targets, pixels, ground=batch.ground)
+    (out.loss + out.ground_loss).backward()
+    assert torch.isfinite(out.ground_loss)
+    assert grads(vlm.xattn["1"].attn.q) > 0 and grads(vlm.xattn["2"].attn.q) > 0 and grads(vlm.connector) > 0
+    with pytest.raises(ValueError, match="two_hop"):
+        make_vlm(tok, "cross", resampler_grid=True, two_hop=True)  # no halo: the two views would be one
+    with pytest.raises(ValueError, match="two_hop"):
+        make_vlm(tok, "cross", resampler_grid=True, resampler_halo=1, two_hop=True, ground_layer=0)  # no block for look 2
+
+
 def test_halo_keys_only_finds_by_the_wide_view_and_reads_the_own_window(tok):
     vlm = make_vlm(tok, "cross", resampler_grid=True, resampler_halo=1, halo_keys_only=True, ground_layer=0)
     D, P = vlm.cfg.text.d_model, VC.grid ** 2  # 2 x 2 latents over 4 x 4 patches: the halo is the whole image
@@ -254,6 +300,8 @@ def test_halo_keys_only_finds_by_the_wide_view_and_reads_the_own_window(tok):
         make_vlm(tok, "cross", resampler_grid=True, halo_keys_only=True)  # no halo to keep to the keys
     with pytest.raises(ValueError, match="latents_see_all"):
         make_vlm(tok, "cross", latents_see_all=True)  # a free resampler's latents see each other already
+    with pytest.raises(ValueError, match="window_queries"):
+        make_vlm(tok, "cross", window_queries=True)  # a free latent has no window to start from
 
 
 def test_pixel_shuffle_and_grid_sizes():
@@ -314,13 +362,15 @@ def test_cross_attention_zero_gates_leave_lm_unchanged(tok):
     assert not torch.allclose(changed[0, img_pos:], other_images[0, img_pos:])
 
 
-@pytest.mark.parametrize("fusion", ["inline", "cross", "inline+mrope", "cross+halo"])
+@pytest.mark.parametrize("fusion", ["inline", "cross", "inline+mrope", "cross+halo", "cross+two_hop"])
 def test_generation_with_images_matches_full_forward(tok, fusion):
     if fusion == "inline+mrope":  # the prefill rotates image tokens by (row, column), decode steps are 1-D RoPE
         vlm = make_vlm(tok, "inline", mrope=True, pos_lm=True).eval()
         sharpen(vlm)
     elif fusion == "cross+halo":  # media of two views per place: keys from one, values from the other
         vlm = make_vlm(tok, "cross", resampler_grid=True, resampler_halo=1, halo_keys_only=True).eval()
+    elif fusion == "cross+two_hop":  # 2L media tokens per image
+        vlm = make_vlm(tok, "cross", resampler_grid=True, resampler_halo=1, two_hop=True).eval()
     else:
         vlm = make_vlm(tok, fusion).eval()
     if fusion.startswith("cross"):
@@ -345,8 +395,9 @@ def test_generation_with_images_matches_full_forward(tok, fusion):
 
 def test_save_load_round_trip(tok, tmp_path):
     for fusion, kw in (("inline", {}), ("cross", {}), ("mrope", dict(mrope=True, pos_lm=True, pos2d_scale=2.0)),
-                       ("halo", dict(resampler_grid=True, resampler_halo=1, halo_keys_only=True))):
-        vlm = make_vlm(tok, "cross" if fusion in ("cross", "halo") else "inline", **kw)
+                       ("halo", dict(resampler_grid=True, resampler_halo=1, halo_keys_only=True)),
+                       ("two_hop", dict(resampler_grid=True, resampler_halo=1, two_hop=True))):
+        vlm = make_vlm(tok, "cross" if fusion in ("cross", "halo", "two_hop") else "inline", **kw)
         with torch.no_grad():
             for p in vlm.parameters():
                 p.add_(torch.randn_like(p) * 0.01)  # gates included

@@ -25,6 +25,13 @@ grid cell marked as showing the question's first named object, its second, or ne
   latents of the first and second named object (pointer_loss; the values they read then carry where it is). With
   image_first and pointer="mention", head 0 learns it at the question's own words instead: the last word of each
   phrase that names an object points at that object, and the answer reads those words (pointer_targets).
+- cross, two_hop (with resampler_halo): an image gives 2L latents, the L of the wide view (each place with its
+  halo: whole objects, findable by shape) and then the L of the narrow view (each place's own window: only its own
+  colour). Heads 0 and 1 of the grounded block point at the named objects among the wide latents, and heads 0 and 1
+  of the next block point at them again among the narrow ones. The first look reads *where* the object is; an
+  average over the object's neighbourhood still says that about right. The second look can then find the place by
+  position and read a colour that is not mixed with the neighbours'. Compare halo_keys_only: one look, wide keys
+  and narrow values, whose attention spread over the neighbours' background values (RESULTS.md, run 14).
 
 Where an image token is (inline, mlp connector: the L tokens are a gh x gw grid in reading order):
 - pos2d (default on): a fixed 2-D sin-cos (row, column) embedding added to the patch features before the connector;
@@ -71,6 +78,8 @@ class VLMConfig:
     resampler_halo: int = 0  # resampler_grid: a latent also reads the windows up to this many cells away (whole objects)
     halo_keys_only: bool = False  # cross: the halo widens what the keys read, the values read each place's own window
     latents_see_all: bool = False  # resampler_grid: a latent reads every latent (Flamingo's keys), patches stay windowed
+    window_queries: bool = False  # resampler_grid: a latent starts as its learned vector + the mean of its own window
+    two_hop: bool = False  # cross: an image is 2L latents, the wide (halo) view then the own-window view (module doc)
     qk_norm: bool = True  # RMSNorm on each head's queries and keys in the resampler and the gated cross-attention blocks
     cross_every: int = 1  # cross: a gated cross-attention block before layers 0, n, 2n, ...
     feature_layer: int = -1  # vision block whose output feeds the connector (-2: the penultimate, as LLaVA)
@@ -116,8 +125,13 @@ class VLMConfig:
                              "needs cross fusion with image_first (a word sees only the images before it)")
         if self.latents_see_all and not (self.resampler_grid and self.uses_resampler):
             raise ValueError("invalid VLMConfig: latents_see_all needs a grid resampler (a free resampler's latents see all)")
+        if self.window_queries and not (self.resampler_grid and self.uses_resampler):
+            raise ValueError("invalid VLMConfig: window_queries needs a grid resampler (a latent's own window)")
         if self.halo_keys_only and not (self.resampler_halo and self.fusion == "cross"):
             raise ValueError("invalid VLMConfig: halo_keys_only needs cross fusion and resampler_halo >= 1")
+        if self.two_hop and not (self.resampler_halo and self.fusion == "cross" and not self.halo_keys_only):
+            raise ValueError("invalid VLMConfig: two_hop needs cross fusion and resampler_halo >= 1 (a wide and a narrow "
+                             "view), and not halo_keys_only (which fuses the two views into one latent)")
         if self.ground_layer is not None:
             if self.ground_grid is None:
                 raise ValueError("invalid VLMConfig: ground_layer needs image tokens on a grid (inline mlp connector, or resampler_grid)")
@@ -128,6 +142,10 @@ class VLMConfig:
             if self.fusion == "cross" and self.ground_layer + 1 not in self.cross_layers():
                 raise ValueError(f"invalid VLMConfig: cross fusion grounds the gated cross-attention block after layer "
                                  f"ground_layer={self.ground_layer}, and there is none (blocks before layers {self.cross_layers()})")
+            if self.two_hop and self.ground_layer + 2 not in self.cross_layers():
+                raise ValueError(f"invalid VLMConfig: two_hop grounds its second look in the block after layer "
+                                 f"ground_layer + 1 = {self.ground_layer + 1}, and there is none (blocks before layers "
+                                 f"{self.cross_layers()})")
 
     @property
     def uses_resampler(self) -> bool:
@@ -136,7 +154,9 @@ class VLMConfig:
     @property
     def tokens_per_image(self) -> int:
         """L: vectors an image becomes (inline: spliced into the text; cross: attended to)."""
-        return self.n_latents if self.uses_resampler else (self.vision.grid // self.pixel_shuffle) ** 2
+        if self.uses_resampler:
+            return self.n_latents * (2 if self.two_hop else 1)
+        return (self.vision.grid // self.pixel_shuffle) ** 2
 
     @property
     def token_grid(self) -> tuple[int, int]:
@@ -314,11 +334,16 @@ class Resampler(nn.Module):
     """Perceiver resampler (Flamingo): L learned latents cross-attend to an image's patch tokens -> (N, L, d_out).
     With a grid (the patch grid; L a square), each latent reads only its window of patches, so the L outputs are a
     grid of places (as Honeybee's locality-preserving projectors argue for spatial questions) that grounding
-    labels can name. With halo_keys_only, it runs twice, with and without the halo, and returns (N, L, 2 d_out):
-    [the wide view | the place's own window], for cross-attention that finds by the one and reads the other."""
+    labels can name. With both_views, it runs twice, with and without the halo, and returns (N, L, 2 d_out):
+    [the wide view | the place's own window], for cross-attention that finds by the one and reads the other.
+    With window_queries, a grid latent starts from the mean of its own window's patches (TokenPacker's point queries)
+    instead of a constant: a constant query weighs the patches of a halo by their keys alone, the same for every
+    place, so a latent next to two objects mixes both; a query that already holds its own place's content can
+    prefer the patches that match it."""
 
     def __init__(self, d_in: int, d_out: int, n_latents: int, n_layers: int, n_heads: int, grid: int | None = None,
-                 qk_norm: bool = False, halo: int = 0, halo_keys_only: bool = False, see_all: bool = False):
+                 qk_norm: bool = False, halo: int = 0, both_views: bool = False, see_all: bool = False,
+                 window_queries: bool = False):
         super().__init__()
         self.proj_in = nn.Linear(d_in, d_out)
         self.latents = nn.Parameter(torch.randn(n_latents, d_out) * 0.02)
@@ -326,8 +351,13 @@ class Resampler(nn.Module):
         self.norm = nn.LayerNorm(d_out)
         mask = window_mask(grid, math.isqrt(n_latents), halo, see_all) if grid else None
         self.register_buffer("mask_LS", mask, persistent=False)
-        own = window_mask(grid, math.isqrt(n_latents), see_all=see_all) if halo_keys_only else None
+        own = window_mask(grid, math.isqrt(n_latents), see_all=see_all) if both_views else None
         self.register_buffer("own_LS", own, persistent=False)
+        pool = None
+        if window_queries:  # (L, P): each latent's mean over the patches of its own window
+            sees = window_mask(grid, math.isqrt(n_latents))[:, : grid * grid].float()
+            pool = sees / sees.sum(1, keepdim=True)
+        self.register_buffer("pool_LP", pool, persistent=False)
 
     def forward(self, x_NPV):
         x_NPD = self.proj_in(x_NPV)
@@ -336,6 +366,8 @@ class Resampler(nn.Module):
 
     def read(self, x_NPD, mask_LS):
         lat_NLD = self.latents.expand(x_NPD.shape[0], -1, -1).to(x_NPD.dtype)
+        if self.pool_LP is not None:
+            lat_NLD = lat_NLD + self.pool_LP.to(x_NPD.dtype) @ x_NPD
         for layer in self.layers:
             lat_NLD = layer(lat_NLD, x_NPD, mask_LS)
         return self.norm(lat_NLD)
@@ -428,15 +460,15 @@ class GroundHook:
     """Forward hook that keeps, while grounding targets are given (VLM.forward), an LM layer's output (inline) or
     the inputs (x, media) of a gated cross-attention block (cross)."""
 
-    def __init__(self, store: dict):
-        self.store = store
+    def __init__(self, store: dict, key: str = "x"):
+        self.store, self.key = store, key
 
     def __call__(self, module, args, out):
         if self.store.get("on"):
             if isinstance(module, GatedCrossBlock):
-                self.store["x"] = args
+                self.store[self.key] = args
             else:
-                self.store["x"] = out[0] if isinstance(out, tuple) else out  # (x, MoE aux) or x
+                self.store[self.key] = out[0] if isinstance(out, tuple) else out  # (x, MoE aux) or x
 
 
 def first_image_labels(ids_BT: torch.Tensor, image_id: int, cells_BG: torch.Tensor) -> torch.Tensor:
@@ -450,15 +482,15 @@ def first_image_labels(ids_BT: torch.Tensor, image_id: int, cells_BG: torch.Tens
 
 
 def pointer_loss(logits_BKTQ: torch.Tensor, visible_BTQ: torch.Tensor, cells_BG: torch.Tensor,
-                 points: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
+                 points: list[tuple[int, int, torch.Tensor]], offset: int = 0) -> torch.Tensor:
     """Cross fusion's grounding loss. Each point (head h, object k, where_BT) asks head h of the grounded block to
-    put its attention, at the positions where_BT, on the latents (the first image's grid cells) of the question's
-    k-th named object: mean over (row, position, point) of -log(attention mass on those cells). Rows whose
-    question names no k-th object are left out."""
+    put its attention, at the positions where_BT, on the latents (the first image's grid cells, media tokens
+    offset .. offset + G) of the question's k-th named object: mean over (row, position, point) of -log(attention
+    mass on those cells). Rows whose question names no k-th object are left out."""
     # a finite "minus infinity": rows that see nothing (text before the image) stay finite, not NaN, in both passes;
     # and no boolean indexing or .item(), so a training step never waits for the GPU here
     G, neg = cells_BG.shape[1], torch.finfo(torch.float32).min
-    logp = logits_BKTQ.float().masked_fill(~visible_BTQ.unsqueeze(1), neg).log_softmax(-1)[..., :G]
+    logp = logits_BKTQ.float().masked_fill(~visible_BTQ.unsqueeze(1), neg).log_softmax(-1)[..., offset:offset + G]
     terms, n = logp.new_zeros(()), logp.new_zeros(())
     for h, k, where_BT in points:
         target_BG = cells_BG == k
@@ -492,7 +524,8 @@ class VLM(nn.Module):
         if cfg.uses_resampler:
             self.connector = Resampler(V, D, cfg.n_latents, cfg.resampler_layers, cfg.resampler_heads,
                                        grid=cfg.vision.grid if cfg.resampler_grid else None, qk_norm=cfg.qk_norm,
-                                       halo=cfg.resampler_halo, halo_keys_only=cfg.halo_keys_only, see_all=cfg.latents_see_all)
+                                       halo=cfg.resampler_halo, both_views=cfg.halo_keys_only or cfg.two_hop,
+                                       see_all=cfg.latents_see_all, window_queries=cfg.window_queries)
         else:
             self.connector = MLPConnector(V * cfg.pixel_shuffle ** 2, D)
         self.xattn = nn.ModuleDict({str(i): GatedCrossBlock(cfg.text, cfg.text.n_heads, cfg.qk_norm, cfg.halo_keys_only)
@@ -509,6 +542,8 @@ class VLM(nn.Module):
             self.lm.layers[cfg.ground_layer].register_forward_hook(GroundHook(self._ground))
         elif cfg.ground_layer is not None:  # cross: the block after the layer, whose heads 0 and 1 point at the objects
             self.xattn[str(cfg.ground_layer + 1)].register_forward_hook(GroundHook(self._ground))
+            if cfg.two_hop:  # ... and the next block, whose heads 0 and 1 look again, on the narrow view
+                self.xattn[str(cfg.ground_layer + 2)].register_forward_hook(GroundHook(self._ground, "x2"))
         self._rotary = {"now": None}  # M-RoPE (cos, sin) the LM's layers use during the current call
         if cfg.mrope:
             for layer in self.lm.layers:
@@ -546,6 +581,8 @@ class VLM(nn.Module):
         if not self.cfg.uses_resampler:
             tokens = pixel_shuffle(tokens, grid, self.cfg.pixel_shuffle)
         out = self.connector(tokens)
+        if self.cfg.two_hop:  # (N, L, [wide | narrow]) -> (N, 2L, D): the L wide latents, then the L narrow ones
+            out = torch.cat(out.chunk(2, dim=-1), dim=1)
         if self.cfg.pos_lm:
             out = out + (self.pos_rows[:, None] + self.pos_cols[None, :]).flatten(0, 1).to(out.dtype)
         return out
@@ -559,12 +596,13 @@ class VLM(nn.Module):
         if ground is not None:
             if self.cfg.ground_layer is None:
                 raise ValueError("grounding targets given but the VLM has no grounding loss (VLMConfig.ground_layer)")
-            self._ground.update(on=True, x=None)
+            self._ground.update(on=True, x=None, x2=None)
             try:
                 out = self.forward(ids_BT, targets_BT, pixels_NCHW)
             finally:
                 self._ground["on"] = False
-            seen, self._ground["x"] = self._ground["x"], None
+            seen = self._ground["x"] if not self.cfg.two_hop else (self._ground["x"], self._ground["x2"])
+            self._ground.update(x=None, x2=None)
             return dataclasses.replace(out, ground_loss=self.ground_loss(ids_BT, seen, ground))
         feats = self.encode_images(pixels_NCHW) if pixels_NCHW is not None and len(pixels_NCHW) else None
         targets_BT = text_only_targets(targets_BT, self.cfg.image_id)
@@ -589,13 +627,20 @@ class VLM(nn.Module):
             logits = self.ground_head(seen).float()
             labels_BT = first_image_labels(ids_BT, self.cfg.image_id, ground.cells_BG)
             return F.cross_entropy(logits.flatten(0, 1), labels_BT.flatten(), ignore_index=IGNORE)
-        x_BTD, media = seen  # cross: the grounded block's attention from the answer to the named objects' latents
-        if media is None:
-            raise ValueError("grounding targets given for a batch without images")
-        block = self.xattn[str(self.cfg.ground_layer + 1)]
-        q, k, _ = block.attn.heads(block.attn_norm(x_BTD), media.media_BQD.to(x_BTD.dtype))
-        logits = (q[:, :2] @ k[:, :2].transpose(-1, -2)) * q.shape[-1] ** -0.5  # heads 0 and 1, as SDPA scales them
-        return pointer_loss(logits, media.visible_BTQ, ground.cells_BG, pointer_targets(self.cfg.pointer, ground))
+        # cross: the grounded block's attention from the answer to the named objects' latents; with two_hop, the
+        # first look on the wide latents (media 0 .. G) and the second, one block later, on the narrow ones (G .. 2G)
+        looks = [(seen, self.cfg.ground_layer + 1, 0)] if not self.cfg.two_hop else \
+            [(seen[0], self.cfg.ground_layer + 1, 0), (seen[1], self.cfg.ground_layer + 2, self.cfg.n_latents)]
+        loss = 0.0
+        for (x_BTD, media), layer, offset in looks:
+            if media is None:
+                raise ValueError("grounding targets given for a batch without images")
+            block = self.xattn[str(layer)]
+            q, k, _ = block.attn.heads(block.attn_norm(x_BTD), media.media_BQD.to(x_BTD.dtype))
+            logits = (q[:, :2] @ k[:, :2].transpose(-1, -2)) * q.shape[-1] ** -0.5  # heads 0 and 1, as SDPA scales them
+            loss = loss + pointer_loss(logits, media.visible_BTQ, ground.cells_BG,
+                                       pointer_targets(self.cfg.pointer, ground), offset)
+        return loss / len(looks)
 
     # -- training helpers ------------------------------------------------------------------------------------
     def parts(self) -> dict[str, list[nn.Parameter]]:

@@ -256,6 +256,8 @@ class Recipe:
     resampler_halo: int = 0  # cross: ... and the windows this many cells around it (VLMConfig.resampler_halo)
     halo_keys_only: bool = False  # cross: the halo for the keys only (VLMConfig.halo_keys_only; worse in run 14)
     latents_see_all: bool = False  # cross: grid latents also read each other (VLMConfig.latents_see_all)
+    window_queries: bool = False  # cross: grid latents start from their own window's mean (VLMConfig.window_queries)
+    two_hop: bool = False  # cross: find the named object on wide latents, read it on narrow ones (VLMConfig.two_hop)
     image_first: bool = False  # cross: images before the question in the user turn (Flamingo's layout; VLMConfig.image_first)
     pointer: str = "answer"  # cross: where the pointer heads learn to find the named objects (VLMConfig.pointer)
 
@@ -282,6 +284,7 @@ def build_vlm(recipe: Recipe, mode: str, tok, vision, lm) -> VLM:
                     pixel_shuffle=recipe.pixel_shuffle if inline else 1, n_latents=recipe.n_latents,
                     resampler_grid=recipe.resampler_grid and not inline, resampler_halo=recipe.resampler_halo if not inline else 0,
                     halo_keys_only=recipe.halo_keys_only and not inline, latents_see_all=recipe.latents_see_all and not inline,
+                    window_queries=recipe.window_queries and not inline, two_hop=recipe.two_hop and not inline,
                     cross_every=recipe.cross_every, pos2d_scale=recipe.pos2d_scale, feature_layer=recipe.feature_layer,
                     mrope=recipe.mrope and inline, pos_lm=recipe.pos_lm and inline,
                     ground_layer=recipe.ground_layer if grounded(recipe, mode) else None,
