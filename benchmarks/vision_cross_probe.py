@@ -34,31 +34,25 @@ from omnigpt.config import ModelConfig  # noqa: E402
 from omnigpt.data.vision_samples import Mix, ScenePool, shapebind_tokenizer  # noqa: E402
 from omnigpt.evals.vqa import eval_vqa, format_table  # noqa: E402
 from omnigpt.model.transformer import Transformer  # noqa: E402
-from omnigpt.model.vision import CLIP, CLIPConfig, TextTowerConfig, ViT, VisionConfig  # noqa: E402
-from omnigpt.train.clip import CLIPTrainConfig, train_clip  # noqa: E402
-from omnigpt.train.vlm import DataConfig, build_vlm, quick_recipe, train_vlm, vlm_stages  # noqa: E402
+from omnigpt.model.vision import ViT, VisionConfig  # noqa: E402
+from omnigpt.train.vlm import DataConfig, build_vlm, pretrain_clip, quick_recipe, train_vlm, vlm_stages  # noqa: E402
 
 
 def cached_vit(recipe, tok, pool, cache: Path) -> ViT:
     """The CLIP-trained ViT of this recipe's vision sizes: from the cache, or trained and cached."""
     from safetensors.torch import load_file, save_file
 
-    vcfg = VisionConfig(image_size=recipe.image_size, pool="mean", **recipe.vision)
     key = f"vit_{recipe.image_size}px_{recipe.vision['d_model']}x{recipe.vision['n_layers']}_clip{recipe.steps_clip}"
     path = cache / f"{key}.safetensors"
     if path.exists():
-        vit = ViT(vcfg)
+        vit = ViT(VisionConfig(image_size=recipe.image_size, pool="mean", **recipe.vision))
         vit.load_state_dict(load_file(path))
         return vit
-    text = TextTowerConfig(vocab_size=tok.padded_vocab_size(), max_len=256, d_model=vcfg.d_model, n_layers=2,
-                           n_heads=vcfg.n_heads, d_ff=vcfg.d_ff)
-    clip = CLIP(CLIPConfig(vcfg, text, embed_dim=128))
-    train_clip(clip, tok, CLIPTrainConfig(steps=recipe.steps_clip, batch_size=recipe.clip_batch_size, lr=recipe.lr,
-                                          n_range=recipe.n_train, image_size=recipe.image_size, log_every=100), pool=pool)
+    vit, _ = pretrain_clip(recipe, tok, pool, torch.device("cpu"))
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in clip.vision.state_dict().items()}, str(tmp))
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp))
     tmp.rename(path)  # atomic: a run started alongside never reads half a file
-    return clip.vision
+    return vit
 
 
 def main(argv=None) -> int:

@@ -2,6 +2,7 @@
 
 import json
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -170,8 +171,15 @@ def test_render_chat_with_images(tok):
 
 @pytest.mark.parametrize("image_first", [False, True])
 def test_grounded_questions_mark_where_they_name_each_object(tok, image_first):
-    rng, mix = random.Random(1), Mix(qa=1.0, ground=True, image_first=image_first, qa_types=("color", "where", "position"))
+    mix = Mix(qa=1.0, ground=True, image_first=image_first, qa_types=("color", "where", "position"), mentions=True)
+    rng = random.Random(1)
     samples = [random_sample(rng, tok, 1, mix, n_range=(2, 4), image_size=64, ground_grid=4) for _ in range(24)]
+    # a mix that does not ask for mentions (the default pointer learns at the answer) does not compute them
+    rng = random.Random(1)
+    plain = [random_sample(rng, tok, 1, replace(mix, mentions=False), n_range=(2, 4), image_size=64, ground_grid=4)
+             for _ in range(24)]
+    assert [s.ids for s in plain] == [s.ids for s in samples] and all(s.ground_mentions is None for s in plain)
+    assert not bool(collate(plain, tok.pad_id, 64).ground.mention_BT.any())
     batch = collate(samples, tok.pad_id, 64)
     for b, s in enumerate(samples):
         image_at = s.ids.index(tok.image_id)

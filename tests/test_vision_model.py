@@ -11,7 +11,7 @@ import torch
 
 from omnigpt.config import tiny
 from omnigpt.data import scenes as sb
-from omnigpt.data.vision_samples import collate, mention_positions, scene_qa_sample, shapebind_tokenizer
+from omnigpt.data.vision_samples import Mix, collate, mention_positions, scene_qa_sample, shapebind_tokenizer
 from omnigpt.evals.vqa import answer_samples, eval_samples, user_text
 from omnigpt.model.multimodal import (VLM, VLMConfig, generate_vlm, load_vlm, mrope_axes, mrope_cos_sin, mrope_positions,
                                       pixel_shuffle, save_vlm, sincos_2d, splice)
@@ -211,7 +211,7 @@ def test_cross_grounding_points_two_heads_at_the_named_objects(tok):
     assert vlm.cfg.text.n_heads == 2 or float(block.attn.q.weight.grad[2 * h:].abs().sum()) == 0
 
 
-def test_mention_pointer_grounds_the_question_words_when_the_image_comes_first(tok):
+def test_mention_pointer_grounds_the_question_words_when_the_image_comes_first(tok, tmp_path):
     with pytest.raises(ValueError, match="image_first"):  # question first, its words see no image
         make_vlm(tok, "cross", resampler_grid=True, ground_layer=0, pointer="mention")
     with pytest.raises(ValueError, match="pointer"):
@@ -235,6 +235,17 @@ def test_mention_pointer_grounds_the_question_words_when_the_image_comes_first(t
         question, q = user_text(tok, s), tok.encode(user_text(tok, s))
         assert question.startswith(("what color is the", "horizontally", "vertically"))
         assert s.ids.index(tok.image_id) < next(i for i in range(len(s.ids)) if s.ids[i: i + len(q)] == q)
+    # training asks the data for the mentions (and the image-first layout) this model learns from: a finite,
+    # non-zero pointer loss (with no mention labels it would be exactly 0)
+    from omnigpt.train.vlm import DataConfig, Stage, train_stage
+
+    stage = Stage("joint", 2, 1e-3, ("connector", "lm"), Mix(qa=1.0, qa_types=("color",), ground=True), warmup=1,
+                  ground_weight=1.0)
+    data = DataConfig(batch_size=4, n_range=(2, 2), image_size=VC.image_size, max_len=vlm.cfg.text.max_seq_len)
+    train_stage(vlm, stage, tok, data, image_tokens=1, vision_cfg=VC, log=lambda *_: None, log_every=1,
+                metrics_path=str(tmp_path / "m.jsonl"))
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert rows and all(0 < r["ground_loss"] < 1e3 for r in rows)
 
 
 def test_two_hop_points_at_the_object_on_the_wide_view_then_on_the_narrow_one(tok):

@@ -211,6 +211,7 @@ class Mix:
     max_turns: int = 1  # qa: up to this many questions about the same image, one chat turn each
     ground: bool = False  # qa: label the image's grid cells with the objects the first question names (Sample.ground_cells)
     image_first: bool = False  # chat samples: the images before the question text in the user turn (Flamingo's layout)
+    mentions: bool = False  # with ground: also where the question names each object (Sample.ground_mentions)
 
     def kinds(self) -> tuple[list[str], list[float]]:
         names = ["qa", "caption", "multi", "doc", "pair", "real", "text"]
@@ -257,7 +258,8 @@ def random_sample(rng: random.Random, tok, image_tokens: int, mix: Mix, *, n_ran
             if max_len is None or len(s.ids) <= max_len or len(qas) == 1:
                 if mix.ground and qas[0].refs:
                     s.ground_cells = sb.token_labels(sc, qas[0].refs, ground_grid)
-                    s.ground_mentions = mention_positions(tok, s.ids, qas[0].question, qas[0].mentions)
+                    if mix.mentions:  # only a pointer at the question's words needs them (VLMConfig.pointer)
+                        s.ground_mentions = mention_positions(tok, s.ids, qas[0].question, qas[0].mentions)
                 return s
             qas.pop()  # too long: fewer turns
 

@@ -147,7 +147,9 @@ def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, 
     opt = stage_optimizer(model, stage.lr, stage.vision_lr_scale, weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
     ground_grid = (model.cfg.ground_grid or 0) if isinstance(model, VLM) and stage.mix.ground else 0
-    mix = replace(stage.mix, image_first=model.cfg.image_first) if isinstance(model, VLM) else stage.mix
+    mix = stage.mix
+    if isinstance(model, VLM):  # the layout and labels this model was built for
+        mix = replace(mix, image_first=model.cfg.image_first, mentions=model.cfg.pointer != "answer")
     stream = SampleStream(tok, image_tokens, mix, data.batch_size, seed=zlib.crc32(f"{data.seed}:{stage.name}".encode()),
                           n_range=data.n_range, image_size=data.image_size, max_len=data.max_len, pool=pool,
                           ground_grid=ground_grid)
@@ -306,6 +308,22 @@ def vlm_stages(recipe: Recipe, mode: str = "inline") -> list[Stage]:
                   vision_lr_scale=recipe.vision_lr_scale, ground_weight=ground)]
 
 
+def pretrain_clip(recipe: Recipe, tok, pool, device: torch.device, log=print, metrics_path: str | None = None):
+    """(the recipe's ViT, CLIP-trained on scene captions; train_clip's result)."""
+    from omnigpt.model.vision import CLIP, CLIPConfig, TextTowerConfig, VisionConfig
+    from omnigpt.train.clip import CLIPTrainConfig, train_clip
+
+    vcfg = VisionConfig(image_size=recipe.image_size, pool="mean", **recipe.vision)
+    ttc = TextTowerConfig(vocab_size=tok.padded_vocab_size(), max_len=256, d_model=vcfg.d_model, n_layers=2,
+                          n_heads=vcfg.n_heads, d_ff=vcfg.d_ff)
+    clip = CLIP(CLIPConfig(vcfg, ttc, embed_dim=128)).to(device)
+    tc = CLIPTrainConfig(steps=recipe.steps_clip, budget_s=recipe.budget_clip_s, batch_size=recipe.clip_batch_size,
+                         lr=recipe.lr, n_range=recipe.n_train, image_size=recipe.image_size, workers=recipe.workers,
+                         captions=recipe.clip_captions, hard_negatives=recipe.clip_hard_negatives, log_every=100)
+    res = train_clip(clip, tok, tc, log=log, pool=pool, metrics_path=metrics_path)
+    return clip.vision, res
+
+
 def run_recipe(recipe: Recipe, modes: list[str], out_dir: str | os.PathLike, device: torch.device, log=print,
                vision=None, evaluate: bool = True) -> dict:
     """The whole ShapeBind run; `vision` (a ViT, e.g. from HF CLIP weights) skips CLIP pre-training.
@@ -315,8 +333,6 @@ def run_recipe(recipe: Recipe, modes: list[str], out_dir: str | os.PathLike, dev
     from omnigpt.evals.vqa import eval_vqa, target_met
     from omnigpt.model.multimodal import save_vlm
     from omnigpt.model.transformer import Transformer
-    from omnigpt.model.vision import CLIP, CLIPConfig, TextTowerConfig, VisionConfig
-    from omnigpt.train.clip import CLIPTrainConfig, train_clip
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -331,14 +347,7 @@ def run_recipe(recipe: Recipe, modes: list[str], out_dir: str | os.PathLike, dev
 
     clip_res = None
     if vision is None:  # 1. CLIP pre-training of the vision tower on scene captions
-        vcfg = VisionConfig(image_size=recipe.image_size, pool="mean", **recipe.vision)
-        ttc = TextTowerConfig(vocab_size=vocab, max_len=256, d_model=vcfg.d_model, n_layers=2, n_heads=vcfg.n_heads, d_ff=vcfg.d_ff)
-        clip = CLIP(CLIPConfig(vcfg, ttc, embed_dim=128)).to(device)
-        clip_tc = CLIPTrainConfig(steps=recipe.steps_clip, budget_s=recipe.budget_clip_s, batch_size=recipe.clip_batch_size,
-                                  lr=recipe.lr, n_range=recipe.n_train, image_size=recipe.image_size, workers=recipe.workers,
-                                  captions=recipe.clip_captions, hard_negatives=recipe.clip_hard_negatives, log_every=100)
-        clip_res = train_clip(clip, tok, clip_tc, log=log, pool=pool, metrics_path=str(out / "clip_metrics.jsonl"))
-        vision = clip.vision
+        vision, clip_res = pretrain_clip(recipe, tok, pool, device, log, metrics_path=str(out / "clip_metrics.jsonl"))
     vision = vision.to(device)
 
     lm = Transformer(ModelConfig(vocab_size=vocab, **recipe.text)).to(device)  # 2. LM warm-up on scene text
