@@ -3,26 +3,33 @@
 The GPU runs (benchmarks/RESULTS.md, Vision) train cross fusion at ~12 steps/s and inline at ~18 steps/s at batch
 128, for a model of 30M parameters: far below what the GPU could do. This measures, in one process:
 - data: batches/s that SampleStream delivers with the recipe's DataLoader workers (is the input the limit?);
-- the step on one fixed batch already on the device (train_stage's forward_loss, backward, clip, AdamW):
-  eager as train_stage does it (a host sync on the gradient norm each step), eager without that sync, and
-  torch.compile'd (default mode), each as steps/s and a ratio to the first;
+- the step on batches already on the device (train_stage's forward_loss, backward, clip, AdamW): eager as
+  train_stage does it (a host sync on the gradient norm each step), eager without that sync, block by block with
+  torch.compile as train_stage(compile=True) does it ("compile": omnigpt.train.vlm.compiled_blocks, dynamic
+  shapes), and the whole model through torch.compile ("compile_whole"), each as steps/s and a ratio to the first. With
+  --batches K the steps cycle through K different batches (lengths and image counts differ, as in training); the
+  warm-up runs each once, so the compile variant's warm-up time is what its compiles and recompiles cost;
 - with --profile: GPU kernel time per step against wall time per step (how idle the GPU is).
 
     PYTHONPATH=. python3 benchmarks/vlm_step.py --profile            # the GPU run (~3-4 minutes)
+    PYTHONPATH=. python3 benchmarks/vlm_step.py --modes cross --variants eager,compile --batches 8
     python benchmarks/vlm_step.py --quick --steps 3 --threads 2      # CPU check of the script
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
 import time
+import traceback
 import zlib
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,8 +37,8 @@ from omnigpt.config import ModelConfig  # noqa: E402
 from omnigpt.data.vision_samples import SampleStream, ScenePool, batches, shapebind_tokenizer  # noqa: E402
 from omnigpt.model.transformer import Transformer  # noqa: E402
 from omnigpt.model.vision import ViT, VisionConfig  # noqa: E402
-from omnigpt.train.vlm import (Recipe, autocast_for, build_vlm, forward_loss, quick_recipe, stage_optimizer,  # noqa: E402
-                               vlm_stages)
+from omnigpt.train.vlm import (Recipe, autocast_for, build_vlm, compiled_blocks, forward_loss, quick_recipe,  # noqa: E402
+                               stage_optimizer, vlm_stages)
 
 
 def data_rate(stream, workers: int, n: int) -> float:
@@ -43,14 +50,23 @@ def data_rate(stream, workers: int, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def time_steps(vlm, batch, stage, *, steps: int, sync_each_step: bool, compiled: bool, device) -> tuple[float, float]:
-    """(steps/s, last loss) of `steps` training steps on one batch, after warm-up steps."""
-    model = torch.compile(vlm) if compiled else vlm
+def time_steps(vlm, batches_, stage, *, steps: int, sync_each_step: bool, compiled: str = "", device) -> dict:
+    """{steps_per_s, loss (the last), warmup_s}: `steps` training steps cycling through `batches_`, after a warm-up
+    of one step per batch (compiled, "blocks" or "whole": twice, so that recompiles happen before the timing)."""
+    with contextlib.ExitStack() as stack:
+        if compiled == "blocks":
+            stack.enter_context(compiled_blocks(vlm))
+        model = torch.compile(vlm, dynamic=True) if compiled == "whole" else vlm
+        return _time_steps(vlm, model, batches_, stage, steps=steps, sync_each_step=sync_each_step,
+                           warmup_rounds=2 if compiled else 1, device=device)
+
+
+def _time_steps(vlm, model, batches_, stage, *, steps, sync_each_step, warmup_rounds, device) -> dict:
     opt = stage_optimizer(vlm, stage.lr, stage.vision_lr_scale)
     params = [p for p in vlm.parameters() if p.requires_grad]
     autocast = autocast_for(device)
 
-    def step():
+    def step(batch):
         with autocast:
             loss, _ = forward_loss(model, batch, vlm.cfg.vision, stage.ground_weight)
         loss.backward()
@@ -67,14 +83,16 @@ def time_steps(vlm, batch, stage, *, steps: int, sync_each_step: bool, compiled:
         opt.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(3 if not compiled else 6):  # compile and autotune outside the timing
-        step()
-    sync(device)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
+    for batch in batches_ * warmup_rounds + batches_[:2]:  # compile, recompile and autotune outside the timing
+        step(batch)
     sync(device)
-    return steps / (time.perf_counter() - t0), float(loss.detach())
+    warmup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(steps):
+        loss = step(batches_[i % len(batches_)])
+    sync(device)
+    return {"steps_per_s": steps / (time.perf_counter() - t0), "loss": float(loss.detach()), "warmup_s": warmup}
 
 
 def sync(device):
@@ -87,10 +105,10 @@ def gpu_busy(vlm, batch, stage, device, steps: int = 10, top: int = 0) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    time_steps(vlm, batch, stage, steps=2, sync_each_step=True, compiled=False, device=device)
+    time_steps(vlm, [batch], stage, steps=2, sync_each_step=True, device=device)
     with profile(activities=acts) as prof:
         t0 = time.perf_counter()
-        time_steps(vlm, batch, stage, steps=steps, sync_each_step=True, compiled=False, device=device)
+        time_steps(vlm, [batch], stage, steps=steps, sync_each_step=True, device=device)
         wall = time.perf_counter() - t0
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"] if device.type == "cuda" else []
     if top:  # the ops whose kernels take the most GPU time
@@ -107,7 +125,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--modes", default="cross,inline")
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--variants", default="eager,nosync,compile")
+    ap.add_argument("--variants", default="eager,nosync,compile,compile_whole")
+    ap.add_argument("--batches", type=int, default=1, help="cycle through this many different batches")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--top", type=int, default=0, help="with --profile: print the K ops with the most GPU time")
     ap.add_argument("--threads", type=int, default=0)
@@ -137,22 +156,29 @@ def main(argv=None) -> int:
                               n_range=recipe.n_train, image_size=recipe.image_size, pool=pool, ground_grid=ground_grid,
                               max_len=recipe.text["max_seq_len"] + 1)
         rate = data_rate(stream, recipe.workers, 20 if not args.quick else 2)
-        batch = next(iter(stream)).to(device)
-        row = {"mode": mode, "batch": recipe.batch_size, "T": batch.inputs.shape[1], "images": len(batch.images),
-               "data_batches_per_s": round(rate, 1), "workers": recipe.workers}
-        print(f"{mode}: data {rate:.1f} batches/s with {recipe.workers} workers; batch T={row['T']}, {row['images']} images", flush=True)
+        source = iter(stream)
+        batches_ = [next(source).to(device) for _ in range(args.batches)]
+        batch = batches_[0]
+        row = {"mode": mode, "batch": recipe.batch_size, "T": [b.inputs.shape[1] for b in batches_],
+               "images": [len(b.images) for b in batches_], "data_batches_per_s": round(rate, 1), "workers": recipe.workers}
+        print(f"{mode}: data {rate:.1f} batches/s with {recipe.workers} workers; batches T={row['T']}, images {row['images']}", flush=True)
         base = None
         for variant in args.variants.split(","):
             try:
-                sps, loss = time_steps(vlm, batch, stage, steps=args.steps, sync_each_step=variant == "eager",
-                                       compiled=variant == "compile", device=device)
+                graphs = counters["stats"]["unique_graphs"]
+                r = time_steps(vlm, batches_, stage, steps=args.steps, sync_each_step=variant == "eager",
+                               compiled={"compile": "blocks", "compile_whole": "whole"}.get(variant, ""), device=device)
             except Exception as e:  # a variant that fails is reported, the others still run
                 print(f"  {variant}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+                traceback.print_exc()  # what failed where: the next run's starting point
                 row[variant] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                 continue
+            sps = r["steps_per_s"]
             base = base or sps
-            row[variant] = {"steps_per_s": round(sps, 2), "x_eager": round(sps / base, 2), "loss": round(loss, 4)}
-            print(f"  {variant}: {sps:.2f} steps/s ({sps / base:.2f}x), loss {loss:.4f}", flush=True)
+            row[variant] = {"steps_per_s": round(sps, 2), "x_eager": round(sps / base, 2), "loss": round(r["loss"], 4),
+                            "warmup_s": round(r["warmup_s"], 1), "graphs": counters["stats"]["unique_graphs"] - graphs}
+            print(f"  {variant}: {sps:.2f} steps/s ({sps / base:.2f}x), loss {r['loss']:.4f}, warm-up {r['warmup_s']:.1f}s, "
+                  f"{row[variant]['graphs']} graphs compiled", flush=True)
         if args.profile:
             row["profile"] = gpu_busy(vlm, batch, stage, device, top=args.top)
             print(f"  profile: {json.dumps(row['profile'])}", flush=True)

@@ -566,3 +566,39 @@ def test_tiny_vlm_learns_scene_questions(tok, fusion):
         opt.zero_grad()
     assert loss.item() < 0.05
     assert answer_samples(vlm, tok, samples) == [s.answer for s in samples]
+
+
+def test_compiled_training_matches_eager_leaves_the_model_eager_and_survives_a_failing_compiler(tok, tmp_path, monkeypatch):
+    from omnigpt.train.vlm import DataConfig, Stage, train_stage
+    from omnigpt.model.multimodal import GatedCrossBlock
+
+    def run(vlm, name, compile):
+        stage = Stage("joint", 3, 1e-3, ("connector", "lm", "vision"), Mix(qa=1.0, qa_types=("color", "position"), ground=True),
+                      warmup=1, ground_weight=0.5)
+        data = DataConfig(batch_size=4, n_range=(1, 3), image_size=VC.image_size, max_len=vlm.cfg.text.max_seq_len)
+        lines = []
+        train_stage(vlm, stage, tok, data, image_tokens=1, vision_cfg=VC, log=lines.append, log_every=1,
+                    metrics_path=str(tmp_path / f"{name}.jsonl"), compile=compile)
+        return [json.loads(r)["loss"] for r in (tmp_path / f"{name}.jsonl").read_text().splitlines()], lines
+
+    kw = dict(n_layers=3, resampler_grid=True, resampler_halo=1, two_hop=True, window_queries=True, ground_layer=0)
+    eager, compiled = make_vlm(tok, "cross", **kw), make_vlm(tok, "cross", **kw)
+    # batches of different lengths and image counts (n in 1..3): the compiled blocks take dynamic shapes
+    losses, _ = run(eager, "eager", False)
+    compiled_losses, _ = run(compiled, "compiled", True)
+    torch.testing.assert_close(compiled_losses, losses, rtol=1e-4, atol=0)
+    for p, q in zip(compiled.parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-4)
+    assert not any("forward" in vars(m) for m in compiled.modules())  # eager again for evaluation and generation
+    assert isinstance(compiled.xattn["1"], GatedCrossBlock) and compiled.state_dict().keys() == eager.state_dict().keys()
+
+    # a compiler that fails: the stage logs why and trains on eagerly, to the same losses
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no code generator here")
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **k: real_compile(fn, **{**k, "backend": broken_backend}))
+    again = make_vlm(tok, "cross", **kw)
+    fallback_losses, lines = run(again, "fallback", True)
+    assert fallback_losses == losses
+    assert sum("torch.compile failed" in line for line in lines) == 1 and "no code generator here" in "\n".join(lines)

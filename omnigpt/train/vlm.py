@@ -25,6 +25,7 @@ import json
 import math
 import os
 import time
+import traceback
 import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -134,10 +135,38 @@ def forward_loss(model, batch, vision_cfg, ground_weight: float = 0.0) -> tuple[
     return sample_mean_loss(model(batch.inputs).logits, batch.targets), None
 
 
+@contextlib.contextmanager
+def compiled_blocks(model: torch.nn.Module):
+    """While inside, each block's forward (ViT and LM blocks, gated cross-attention blocks, resampler layers) runs
+    through torch.compile with dynamic shapes: every batch has its own length and number of images. Per block, not
+    the whole model: blocks of a kind share one graph, the VLM's hooks (cross-attention, grounding, rotary) stay
+    eager between them, and the whole-model compile failed in Inductor with dynamic shapes (torch 2.11, H200).
+    Parameters and state_dict names are unchanged; on exit the blocks are eager again (evaluation, generation)."""
+    from omnigpt.model.multimodal import GatedCrossBlock, ResamplerLayer
+    from omnigpt.model.transformer import Block as LMBlock
+    from omnigpt.model.vision import Block as ViTBlock
+
+    blocks = [m for m in model.modules() if isinstance(m, (ViTBlock, LMBlock, GatedCrossBlock, ResamplerLayer))]
+    for m in blocks:
+        m.forward = torch.compile(m.forward, dynamic=True)  # an instance attribute over the class's method
+    try:
+        yield blocks
+    finally:
+        for m in blocks:
+            del m.forward
+
+
+def is_compile_error(e: BaseException) -> bool:
+    """Whether an exception comes from torch.compile (Dynamo, AOTAutograd, Inductor), not from the model."""
+    return type(e).__module__.startswith(("torch._dynamo", "torch._inductor", "torch._functorch", "torch.fx"))
+
+
 def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, image_tokens: int = 1, vision_cfg=None,
                 log=print, log_every: int = 50, grad_clip: float = 1.0, weight_decay: float = 0.0,
-                metrics_path: str | None = None, pool=None) -> dict:
-    """Train one stage; returns {"stage", "steps", "loss" (mean of the last logged 10%), "seconds", ...}."""
+                metrics_path: str | None = None, pool=None, compile: bool = False) -> dict:
+    """Train one stage; returns {"stage", "steps", "loss" (mean of the last logged 10%), "seconds", ...}.
+    compile: each block through torch.compile (compiled_blocks); a compile that fails is logged and the stage goes
+    on eagerly."""
     device = model_device(model)
     if isinstance(model, VLM):
         model.set_trainable(stage.parts)
@@ -155,6 +184,9 @@ def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, 
                           ground_grid=ground_grid)
     it = batches(stream, data.workers)
     autocast = autocast_for(device)
+    compiled = contextlib.ExitStack()
+    if compile:
+        compiled.enter_context(compiled_blocks(model))
     metrics = open(metrics_path, "a") if metrics_path else None
     losses: list[tuple[float, float]] = []  # (progress, loss) every 10 steps
     clock, step = Clock(stage.steps, stage.budget_s), 0
@@ -163,9 +195,20 @@ def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, 
     while not clock.done(step):
         set_lr(opt, lr_at(step, clock.progress(step), warmup))
         batch = next(it).to(device)
-        with autocast:
-            loss, ground_loss = forward_loss(model, batch, vision_cfg, stage.ground_weight)
-        loss.backward()
+        try:
+            with autocast:
+                loss, ground_loss = forward_loss(model, batch, vision_cfg, stage.ground_weight)
+            loss.backward()
+        except Exception as e:  # noqa: BLE001 - only a compiler's failure is retried, eagerly
+            if not compile or not is_compile_error(e):
+                raise
+            log(f"[{stage.name}] step {step}: torch.compile failed, the stage goes on eagerly:\n{traceback.format_exc()}")
+            compiled.close()
+            compile = False
+            opt.zero_grad(set_to_none=True)  # a backward that failed halfway may have left some gradients
+            with autocast:
+                loss, ground_loss = forward_loss(model, batch, vision_cfg, stage.ground_weight)
+            loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         if math.isfinite(float(gnorm)):  # a bf16 overflow skips one step instead of poisoning the weights
             opt.step()
@@ -194,6 +237,7 @@ def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, 
             if metrics:
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
+    compiled.close()
     if metrics:
         metrics.close()
     if step == 0:
@@ -262,6 +306,7 @@ class Recipe:
     two_hop: bool = False  # cross: find the named object on wide latents, read it on narrow ones (VLMConfig.two_hop)
     image_first: bool = False  # cross: images before the question in the user turn (Flamingo's layout; VLMConfig.image_first)
     pointer: str = "answer"  # cross: where the pointer heads learn to find the named objects (VLMConfig.pointer)
+    compile: bool = False  # VLM stages through torch.compile (train_stage; more steps in a time budget on a GPU)
 
     def override(self, pairs: list[str]) -> Recipe:
         """FIELD=VALUE pairs, VALUE in JSON (numbers, null, lists, objects): omnigpt.config.override_fields."""
@@ -357,7 +402,7 @@ def run_recipe(recipe: Recipe, modes: list[str], out_dir: str | os.PathLike, dev
     for mode in modes:  # 3. per fusion mode: align, joint, evaluate
         vlm = build_vlm(recipe, mode, tok, vision, lm).to(device)
         stage_res = train_vlm(vlm, tok, vlm_stages(recipe, mode), data, log=log, log_every=200,
-                              metrics_path=str(out / f"{mode}_metrics.jsonl"), pool=pool)
+                              metrics_path=str(out / f"{mode}_metrics.jsonl"), pool=pool, compile=recipe.compile)
         train_info[mode] = stage_res
         save_vlm(vlm, out / mode, tok, extra={"train": stage_res, "recipe": asdict(recipe)})
         extra[mode] = {"params": f"{sum(p.numel() for p in vlm.parameters()) / 1e6:.1f}M",
