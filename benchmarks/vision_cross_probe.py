@@ -9,7 +9,7 @@ the GPU recipe's 64 latents (16 px) and halo 1 (48 px) are. Known limit (RESULTS
 sizes the toy ViT does not tell shapes apart, so questions that name an object by its shape cannot bind; give it
 larger sizes with --set (image_size, vision) before trusting a difference there.
 
-The ViT is CLIP-trained once and cached (safetensors) in --cache, so variants start from the same encoder:
+The ViT is CLIP-trained once and cached in --cache (omnigpt.train.vlm.clip_vit), so variants start from the same encoder:
 
     python benchmarks/vision_cross_probe.py --name base --threads 1               # the first call trains CLIP (~1 min)
     python benchmarks/vision_cross_probe.py --name halo --threads 1 --set resampler_halo=1 n_latents=64
@@ -34,25 +34,7 @@ from omnigpt.config import ModelConfig  # noqa: E402
 from omnigpt.data.vision_samples import Mix, ScenePool, shapebind_tokenizer  # noqa: E402
 from omnigpt.evals.vqa import eval_vqa, format_table  # noqa: E402
 from omnigpt.model.transformer import Transformer  # noqa: E402
-from omnigpt.model.vision import ViT, VisionConfig  # noqa: E402
-from omnigpt.train.vlm import DataConfig, build_vlm, pretrain_clip, quick_recipe, train_vlm, vlm_stages  # noqa: E402
-
-
-def cached_vit(recipe, tok, pool, cache: Path) -> ViT:
-    """The CLIP-trained ViT of this recipe's vision sizes: from the cache, or trained and cached."""
-    from safetensors.torch import load_file, save_file
-
-    key = f"vit_{recipe.image_size}px_{recipe.vision['d_model']}x{recipe.vision['n_layers']}_clip{recipe.steps_clip}"
-    path = cache / f"{key}.safetensors"
-    if path.exists():
-        vit = ViT(VisionConfig(image_size=recipe.image_size, pool="mean", **recipe.vision))
-        vit.load_state_dict(load_file(path))
-        return vit
-    vit, _ = pretrain_clip(recipe, tok, pool, torch.device("cpu"))
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp))
-    tmp.rename(path)  # atomic: a run started alongside never reads half a file
-    return vit
+from omnigpt.train.vlm import DataConfig, build_vlm, clip_vit, quick_recipe, train_vlm, vlm_stages  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -79,7 +61,7 @@ def main(argv=None) -> int:
     tok = shapebind_tokenizer()
     pool = ScenePool(recipe.pool_scenes, recipe.n_train, recipe.image_size, "pool")
     torch.manual_seed(0)
-    vit = cached_vit(recipe, tok, pool, cache)
+    vit, _ = clip_vit(recipe, tok, pool, torch.device("cpu"), cache_dir=cache)
     torch.manual_seed(args.seed)
     lm = Transformer(ModelConfig(vocab_size=tok.padded_vocab_size(), **recipe.text))
     vlm = build_vlm(recipe, "cross", tok, vit, lm)

@@ -54,6 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON", help="override recipe fields, e.g. budget_joint_s=240")
+    ap.add_argument("--vit-cache", default=None, metavar="DIR",
+                    help="take the CLIP-trained ViT from DIR if it holds one for these settings, else train it and save it there")
     args = ap.parse_args(argv)
     recipe = (quick_recipe() if args.quick else Recipe()).override(args.set)
     if args.threads:
@@ -68,15 +70,22 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     log(f"device {device} ({gpu}), torch {torch.__version__}; recipe {json.dumps(recipe.__dict__)}")
 
-    s = run_recipe(recipe, args.modes.split(","), args.out, device, log=log)
+    s = run_recipe(recipe, args.modes.split(","), args.out, device, log=log, vit_cache=args.vit_cache)
 
     r = s["recipe"]
     compute = (f"{r['budget_align_s']:.0f}s align + {r['budget_joint_s']:.0f}s joint each" if r["budget_joint_s"]
                else f"{r['steps_align']} align + {r['steps_joint']} joint steps each")
     print(f"\nShapeBind held-out accuracy (%), exact match, {r['per_type']} questions per cell. Same ViT (CLIP-pre-trained "
-          f"{s['clip']['seconds']:.0f}s, retrieval top-1 {s['clip']['retrieval_top1']:.2f}) and LM (warm-up {s['lm']['seconds']:.0f}s), "
+          f"{s['clip']['seconds']:.0f}s{', cached' if 'from' in s['clip'] else ''}, retrieval top-1 {s['clip']['retrieval_top1']:.2f}) and LM (warm-up {s['lm']['seconds']:.0f}s), "
           f"same data, same compute: {compute}, batch {r['batch_size']}, on {gpu}")
     table = format_table(s["results"], s["extra"])
+    for mode, res in s["results"].items():  # cross: what the pointer heads find (evals.vqa.eval_pointer)
+        if "pointer" in res:
+            table += (f"\n\n{mode}: pointer heads' strongest latent on the named object (%, answers given; "
+                      f"one figure per look, wide/narrow with two_hop)\n")
+            table += "\n".join(f"{mode} {n:>4}  " + "  ".join(f"{t} {'/'.join(f'{100 * r:.0f}' for r in rates)}"
+                                                           for t, rates in row.items())
+                               for n, row in res["pointer"].items())
     print(table)
     print(f"\ntotal {s['total_s']:.0f}s; torch {torch.__version__}; "
           f"command: python benchmarks/vision_shapebind.py {' '.join(argv if argv is not None else sys.argv[1:])}")

@@ -602,3 +602,33 @@ def test_compiled_training_matches_eager_leaves_the_model_eager_and_survives_a_f
     fallback_losses, lines = run(again, "fallback", True)
     assert fallback_losses == losses
     assert sum("torch.compile failed" in line for line in lines) == 1 and "no code generator here" in "\n".join(lines)
+
+
+def test_pointer_hits_count_the_heads_strongest_latent_on_the_named_object(tok):
+    from omnigpt.evals.vqa import eval_pointer
+    from omnigpt.model.multimodal import pointer_hit_count
+
+    # two rows, 4 cells; row 0 names objects 1 (cell 2) and 2 (cell 0); row 1 names only object 1 (cell 3)
+    cells = torch.tensor([[2, 0, 1, 0], [0, 0, 0, 1]])
+    answer = torch.tensor([[True, True], [True, False]])
+    logits = torch.zeros(2, 2, 2, 8)
+    logits[0, 0, :, 2] = 5.0  # row 0, head 0: on object 1 at both answer positions
+    logits[0, 1, 0, 0] = 5.0  # row 0, head 1: on object 2 once, on cell 1 (nothing named) once
+    logits[0, 1, 1, 1] = 5.0
+    logits[1, 0, 0, 3] = 5.0  # row 1, head 0: on object 1 ...
+    logits[1, 0, 0, 7] = 9.0  # ... but a stronger latent outside the look (media 4 .. 8 with offset 0) does not count
+    visible = torch.ones(2, 2, 8, dtype=torch.bool)
+    points = [(0, 1, answer), (1, 2, answer)]
+    assert pointer_hit_count(logits, visible, cells, points) == (4, 5)  # row 1 names no second object: 3 + 2 tries
+    shifted = torch.cat([logits[..., 4:], logits[..., :4]], dim=-1)  # the same cells, taught at media 4 .. 8
+    assert pointer_hit_count(shifted, visible, cells, points, offset=4) == (4, 5)
+    hidden = visible.clone()
+    hidden[0, :, 2] = False  # a latent the token may not see is never its pick
+    assert pointer_hit_count(logits, hidden, cells, points)[0] == 2
+
+    # on held-out questions: one rate per look and question type
+    vlm = make_vlm(tok, "cross", n_layers=3, resampler_grid=True, resampler_halo=1, two_hop=True, ground_layer=0)
+    res = eval_pointer(vlm, tok, (2,), per_type=3, types=("color", "position"), log=lambda *_: None)
+    assert set(res[2]) == {"color", "position"} and all(len(r) == 2 and all(0 <= x <= 1 for x in r) for r in res[2].values())
+    with pytest.raises(ValueError, match="grounded block"):
+        eval_pointer(make_vlm(tok, "cross"), tok, (2,), per_type=1, log=lambda *_: None)

@@ -83,3 +83,25 @@ def test_cli_scenes_and_ask(tmp_path, capsys):
     assert cli.main(["vision", "ask", str(tmp_path / "m" / "cross"), "--image", str(tmp_path / "s" / "scene_0.png"),
                      "--image", str(tmp_path / "s" / "scene_1.png"), "--question", "what color is the star?",
                      "--max-new-tokens", "3", "--device", "cpu"]) == 0
+
+
+def test_clip_vit_cache_trains_once_per_setting(tmp_path):
+    from omnigpt.data.vision_samples import ScenePool, shapebind_tokenizer
+    from omnigpt.train.vlm import clip_vit
+
+    r, tok, cpu = toy_recipe(), shapebind_tokenizer(), torch.device("cpu")
+    pool = ScenePool(r.pool_scenes, r.n_train, r.image_size, "pool")
+    lines = []
+    torch.manual_seed(0)
+    trained, res = clip_vit(r, tok, pool, cpu, log=lines.append, cache_dir=tmp_path)
+    assert res["steps"] == 3 and len(list(tmp_path.glob("vit_*.safetensors"))) == 1
+    loaded, again = clip_vit(r, tok, pool, cpu, log=lines.append, cache_dir=tmp_path)
+    assert again["retrieval_top1"] == res["retrieval_top1"] and again["from"].endswith(".safetensors")
+    for (name, a), (_, b) in zip(trained.state_dict().items(), loaded.state_dict().items()):  # kept in bf16
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(b, a.to(torch.bfloat16).float(), rtol=0, atol=0, msg=name)
+    # another CLIP setting is another ViT; a setting CLIP does not read (the LM's) shares it
+    clip_vit(r.override(["steps_clip=2"]), tok, pool, cpu, log=lines.append, cache_dir=tmp_path)
+    clip_vit(r.override(['text={"d_model": 64, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64, "max_seq_len": 192}']),
+             tok, pool, cpu, log=lines.append, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("vit_*.safetensors"))) == 2 and sum("CLIP-trained ViT from" in line for line in lines) == 2

@@ -35,9 +35,11 @@ def eval_scene(sid: str, n: int, image_size: int) -> tuple[sb.Scene, np.ndarray]
 
 
 def eval_samples(tok, image_tokens: int, n: int, per_type: int = 50, image_size: int = 128,
-                 types: tuple[str, ...] = EVAL_TYPES, seed: int = 0, question_first: bool = True) -> list[Sample]:
+                 types: tuple[str, ...] = EVAL_TYPES, seed: int = 0, question_first: bool = True,
+                 ground_grid: int = 0) -> list[Sample]:
     """per_type held-out samples of each type with N objects; question_first=False puts the images first in the
-    user turn (a model trained so: VLMConfig.image_first)."""
+    user turn (a model trained so: VLMConfig.image_first); with ground_grid, question samples carry the cells of
+    the objects they name (Sample.ground_cells, as in training)."""
     out = []
     for qtype in types:
         rng = random.Random(f"eval:{seed}:{n}:{qtype}")
@@ -54,6 +56,8 @@ def eval_samples(tok, image_tokens: int, n: int, per_type: int = 50, image_size:
                 scene, image = eval_scene(sid, n, image_size)
                 qa = pick_question(rng, scene, qtype)
                 s = scene_qa_sample(tok, image_tokens, scene, qa, image, question_first) if qa else None
+                if s is not None and ground_grid and qa.refs:
+                    s.ground_cells = sb.token_labels(scene, qa.refs, ground_grid)
             if s is not None:
                 out.append(s)
                 got += 1
@@ -102,6 +106,39 @@ def eval_vqa(vlm: VLM, tok, n_values=(1, 2, 4, 8, 12, 16), per_type: int = 50, t
     """{"by_n": {N: {type: accuracy}}, "examples": [...a few wrong answers...]}."""
     return score_vqa(lambda samples: answer_samples(vlm, tok, samples, batch_size), tok, vlm.cfg.image_tokens,
                      vlm.cfg.vision.image_size, n_values, per_type, types, seed, log, question_first=not vlm.cfg.image_first)
+
+
+@torch.no_grad()
+def eval_pointer(vlm: VLM, tok, n_values, per_type: int = 50, types=("color", "position"), batch_size: int = 64,
+                 seed: int = 0, log=print) -> dict:
+    """Cross fusion with a grounded block (VLMConfig.ground_layer): how often each look's pointer heads put their
+    strongest attention on the named object (VLM.pointer_hits), by N and question type, on the same held-out
+    questions as eval_vqa with their answers given (teacher forcing). Tells a wrong answer's two causes apart:
+    the wrong object found, or the right one found and misread. {N: {type: [hit rate of each look]}}."""
+    from omnigpt.data.vision_samples import collate
+    from omnigpt.train.vlm import autocast_for, model_device
+
+    if vlm.cfg.fusion != "cross" or vlm.cfg.ground_layer is None:
+        raise ValueError("eval_pointer needs a cross-attention VLM with a grounded block (VLMConfig.ground_layer)")
+    device = model_device(vlm)
+    vlm.eval()
+    by_n = {}
+    for n in n_values:
+        by_n[n] = {}
+        for qtype in types:
+            samples = [s for s in eval_samples(tok, vlm.cfg.image_tokens, n, per_type, vlm.cfg.vision.image_size, (qtype,),
+                                               seed, not vlm.cfg.image_first, ground_grid=vlm.cfg.ground_grid)
+                       if s.ground_cells]
+            counts = None
+            for k in range(0, len(samples), batch_size):
+                batch = collate(samples[k: k + batch_size], tok.pad_id, vlm.cfg.vision.image_size).to(device)
+                with autocast_for(device):
+                    looks = vlm.pointer_hits(batch.inputs, normalize(batch.images, vlm.cfg.vision), batch.ground)
+                counts = looks if counts is None else [(h + h2, t + t2) for (h, t), (h2, t2) in zip(counts, looks)]
+            if counts:
+                by_n[n][qtype] = [h / max(t, 1) for h, t in counts]
+        log(f"[pointer] N={n}: " + "  ".join(f"{t} " + "/".join(f"{100 * r:.0f}" for r in rates) for t, rates in by_n[n].items()))
+    return by_n
 
 
 def score_vqa(answer, tok, image_tokens: int, image_size: int, n_values, per_type: int, types=EVAL_TYPES,

@@ -501,6 +501,23 @@ def pointer_loss(logits_BKTQ: torch.Tensor, visible_BTQ: torch.Tensor, cells_BG:
     return terms / n.clamp(min=1)
 
 
+def pointer_hit_count(logits_BKTQ: torch.Tensor, visible_BTQ: torch.Tensor, cells_BG: torch.Tensor,
+                      points: list[tuple[int, int, torch.Tensor]], offset: int = 0) -> tuple[int, int]:
+    """(hits, tries): over pointer_loss's points, how often head h's strongest visible latent among media offset ..
+    offset + G is one of the k-th named object's cells."""
+    G = cells_BG.shape[1]
+    logits = logits_BKTQ.float().masked_fill(~visible_BTQ.unsqueeze(1), float("-inf"))[..., offset:offset + G]
+    hits = tries = 0
+    for h, k, where_BT in points:
+        target_BG = cells_BG == k
+        use_BT = where_BT & target_BG.any(1, keepdim=True)
+        best_BT = logits[:, h].argmax(-1)
+        on_target_BT = target_BG.gather(1, best_BT)
+        hits += int((on_target_BT & use_BT).sum())
+        tries += int(use_BT.sum())
+    return hits, tries
+
+
 def pointer_targets(pointer: str, ground) -> list[tuple[int, int, torch.Tensor]]:
     """What cross fusion's pointer heads learn (pointer_loss's points). answer: at every position of the answer,
     head 0 points at the first named object and head 1 at the second. mention: at the last word of the phrase that
@@ -596,13 +613,7 @@ class VLM(nn.Module):
         if ground is not None:
             if self.cfg.ground_layer is None:
                 raise ValueError("grounding targets given but the VLM has no grounding loss (VLMConfig.ground_layer)")
-            self._ground.update(on=True, x=None, x2=None)
-            try:
-                out = self.forward(ids_BT, targets_BT, pixels_NCHW)
-            finally:
-                self._ground["on"] = False
-            seen = self._ground["x"] if not self.cfg.two_hop else (self._ground["x"], self._ground["x2"])
-            self._ground.update(x=None, x2=None)
+            out, seen = self.forward_seen(ids_BT, targets_BT, pixels_NCHW)
             return dataclasses.replace(out, ground_loss=self.ground_loss(ids_BT, seen, ground))
         feats = self.encode_images(pixels_NCHW) if pixels_NCHW is not None and len(pixels_NCHW) else None
         targets_BT = text_only_targets(targets_BT, self.cfg.image_id)
@@ -622,25 +633,55 @@ class VLM(nn.Module):
         with self.attending(media):
             return self.lm(ids_BT, targets_BT)
 
+    def forward_seen(self, ids_BT, targets_BT, pixels_NCHW):
+        """(forward's output, what the grounded layer saw: its output (inline), the grounded block's inputs (x,
+        media) (cross), or with two_hop the inputs of both looks' blocks)."""
+        self._ground.update(on=True, x=None, x2=None)
+        try:
+            out = self.forward(ids_BT, targets_BT, pixels_NCHW)
+        finally:
+            self._ground["on"] = False
+        seen = self._ground["x"] if not self.cfg.two_hop else (self._ground["x"], self._ground["x2"])
+        self._ground.update(x=None, x2=None)
+        return out, seen
+
     def ground_loss(self, ids_BT: torch.Tensor, seen, ground) -> torch.Tensor:
         if self.cfg.fusion == "inline":  # each image token says which named object it shows (or none)
             logits = self.ground_head(seen).float()
             labels_BT = first_image_labels(ids_BT, self.cfg.image_id, ground.cells_BG)
             return F.cross_entropy(logits.flatten(0, 1), labels_BT.flatten(), ignore_index=IGNORE)
-        # cross: the grounded block's attention from the answer to the named objects' latents; with two_hop, the
-        # first look on the wide latents (media 0 .. G) and the second, one block later, on the narrow ones (G .. 2G)
+        looks = self.pointer_looks(seen)
+        points = pointer_targets(self.cfg.pointer, ground)
+        return sum(pointer_loss(logits, visible, ground.cells_BG, points, offset) for logits, visible, offset in looks) / len(looks)
+
+    def pointer_looks(self, seen) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Cross fusion: per look, (the pointer heads' attention logits (B, 2, T, Q), visible_BTQ, the media offset
+        of the latents it is taught on). The grounded block's attention from the answer to the named objects'
+        latents; with two_hop, the first look on the wide latents (media 0 .. G) and the second, one block later,
+        on the narrow ones (G .. 2G)."""
         looks = [(seen, self.cfg.ground_layer + 1, 0)] if not self.cfg.two_hop else \
             [(seen[0], self.cfg.ground_layer + 1, 0), (seen[1], self.cfg.ground_layer + 2, self.cfg.n_latents)]
-        loss = 0.0
+        out = []
         for (x_BTD, media), layer, offset in looks:
             if media is None:
                 raise ValueError("grounding targets given for a batch without images")
             block = self.xattn[str(layer)]
             q, k, _ = block.attn.heads(block.attn_norm(x_BTD), media.media_BQD.to(x_BTD.dtype))
             logits = (q[:, :2] @ k[:, :2].transpose(-1, -2)) * q.shape[-1] ** -0.5  # heads 0 and 1, as SDPA scales them
-            loss = loss + pointer_loss(logits, media.visible_BTQ, ground.cells_BG,
-                                       pointer_targets(self.cfg.pointer, ground), offset)
-        return loss / len(looks)
+            out.append((logits, media.visible_BTQ, offset))
+        return out
+
+    @torch.no_grad()
+    def pointer_hits(self, ids_BT: torch.Tensor, pixels_NCHW: torch.Tensor, ground) -> list[tuple[int, int]]:
+        """Cross fusion, a diagnostic of what the pointer heads find: per look, (hits, tries) over the grounded rows'
+        answer positions and named objects (pointer_targets), where a hit is a pointer head's strongest latent in
+        its look lying on the named object."""
+        if self.cfg.fusion != "cross" or self.cfg.ground_layer is None:
+            raise ValueError("pointer_hits needs a cross-attention VLM with a grounded block (VLMConfig.ground_layer)")
+        _, seen = self.forward_seen(ids_BT, None, pixels_NCHW)
+        points = pointer_targets(self.cfg.pointer, ground)
+        return [pointer_hit_count(logits, visible, ground.cells_BG, points, offset)
+                for logits, visible, offset in self.pointer_looks(seen)]
 
     # -- training helpers ------------------------------------------------------------------------------------
     def parts(self) -> dict[str, list[nn.Parameter]]:

@@ -369,13 +369,46 @@ def pretrain_clip(recipe: Recipe, tok, pool, device: torch.device, log=print, me
     return clip.vision, res
 
 
+def clip_vit(recipe: Recipe, tok, pool, device: torch.device, log=print, cache_dir: str | os.PathLike | None = None,
+             metrics_path: str | None = None):
+    """(the recipe's CLIP-trained ViT, train_clip's result). With cache_dir: the ViT of the same CLIP settings from
+    there if it holds one (vit_<key>.safetensors and .json), else trained and saved there. Saved in bf16: the GPU
+    recipe's ViT is then 10 MB, which a device call can bring back and carry into the next one; the joint stage
+    fine-tunes it in fp32 from there. Several runs that share it start from the same encoder."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    from omnigpt.model.vision import ViT, VisionConfig
+
+    if cache_dir is None:
+        return pretrain_clip(recipe, tok, pool, device, log, metrics_path=metrics_path)
+    fields = {k: getattr(recipe, k) for k in ("image_size", "vision", "n_train", "steps_clip", "budget_clip_s",
+                                              "clip_batch_size", "lr", "clip_captions", "clip_hard_negatives")}
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+    path, info = Path(cache_dir) / f"vit_{key}.safetensors", Path(cache_dir) / f"vit_{key}.json"
+    if path.exists() and info.exists():
+        vit = ViT(VisionConfig(image_size=recipe.image_size, pool="mean", **recipe.vision))
+        vit.load_state_dict(load_file(str(path)))
+        res = json.loads(info.read_text())["clip"]
+        log(f"CLIP-trained ViT from {path} (retrieval top-1 {res['retrieval_top1']:.2f}, {res['seconds']:.0f}s to train)")
+        return vit.to(device), {**res, "from": str(path)}
+    vit, res = pretrain_clip(recipe, tok, pool, device, log, metrics_path=metrics_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to(torch.bfloat16).cpu().contiguous() for k, v in vit.state_dict().items()}, str(path) + ".tmp")
+    os.replace(str(path) + ".tmp", path)  # atomic: a run started alongside never reads half a file
+    info.write_text(json.dumps({"recipe": fields, "clip": res}, indent=2, default=str))
+    return vit, res
+
+
 def run_recipe(recipe: Recipe, modes: list[str], out_dir: str | os.PathLike, device: torch.device, log=print,
-               vision=None, evaluate: bool = True) -> dict:
-    """The whole ShapeBind run; `vision` (a ViT, e.g. from HF CLIP weights) skips CLIP pre-training.
+               vision=None, evaluate: bool = True, vit_cache: str | os.PathLike | None = None) -> dict:
+    """The whole ShapeBind run; `vision` (a ViT, e.g. from HF CLIP weights) skips CLIP pre-training, and so does a
+    `vit_cache` folder that holds this recipe's CLIP-trained ViT (clip_vit; else it is trained and saved there).
     Writes <out>/<mode>/ checkpoints, <mode>_metrics.jsonl, <mode>_eval.json and summary.json."""
     from omnigpt.config import ModelConfig
     from omnigpt.data.vision_samples import ScenePool, shapebind_tokenizer
-    from omnigpt.evals.vqa import eval_vqa, target_met
+    from omnigpt.evals.vqa import eval_pointer, eval_vqa, target_met
     from omnigpt.model.multimodal import save_vlm
     from omnigpt.model.transformer import Transformer
 
@@ -392,7 +425,7 @@ def run_recipe(recipe: Recipe, modes: list[str], out_dir: str | os.PathLike, dev
 
     clip_res = None
     if vision is None:  # 1. CLIP pre-training of the vision tower on scene captions
-        vision, clip_res = pretrain_clip(recipe, tok, pool, device, log, metrics_path=str(out / "clip_metrics.jsonl"))
+        vision, clip_res = clip_vit(recipe, tok, pool, device, log, cache_dir=vit_cache, metrics_path=str(out / "clip_metrics.jsonl"))
     vision = vision.to(device)
 
     lm = Transformer(ModelConfig(vocab_size=vocab, **recipe.text)).to(device)  # 2. LM warm-up on scene text
@@ -412,6 +445,8 @@ def run_recipe(recipe: Recipe, modes: list[str], out_dir: str | os.PathLike, dev
         if evaluate:
             t0 = time.perf_counter()
             res = eval_vqa(vlm, tok, recipe.n_eval, recipe.per_type, batch_size=256 if device.type == "cuda" else 64, log=log)
+            if vlm.cfg.fusion == "cross" and vlm.cfg.ground_layer is not None:  # what the pointer heads find, per look
+                res["pointer"] = eval_pointer(vlm, tok, recipe.n_eval, recipe.per_type, log=log)
             (out / f"{mode}_eval.json").write_text(json.dumps(res, indent=2))
             results[mode] = res
             extra[mode].update({"eval": f"{time.perf_counter() - t0:.0f}s", "target met": target_met(res)})
