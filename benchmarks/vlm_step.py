@@ -5,7 +5,7 @@ The GPU runs (benchmarks/RESULTS.md, Vision) train cross fusion at ~12 steps/s a
 - data: batches/s that SampleStream delivers with the recipe's DataLoader workers (is the input the limit?);
 - the step on batches already on the device (train_stage's forward_loss, backward, clip, AdamW): eager as
   train_stage does it (a host sync on the gradient norm each step), eager without that sync, block by block with
-  torch.compile as train_stage(compile=True) does it ("compile": omnigpt.train.vlm.compiled_blocks, dynamic
+  torch.compile as train_stage does it for Stage(compile=True) ("compile": omnigpt.train.vlm.compiled_blocks, dynamic
   shapes), and the whole model through torch.compile ("compile_whole"), each as steps/s and a ratio to the first. With
   --batches K the steps cycle through K different batches (lengths and image counts differ, as in training); the
   warm-up runs each once, so the compile variant's warm-up time is what its compiles and recompiles cost;

@@ -574,11 +574,11 @@ def test_compiled_training_matches_eager_leaves_the_model_eager_and_survives_a_f
 
     def run(vlm, name, compile):
         stage = Stage("joint", 3, 1e-3, ("connector", "lm", "vision"), Mix(qa=1.0, qa_types=("color", "position"), ground=True),
-                      warmup=1, ground_weight=0.5)
+                      warmup=1, ground_weight=0.5, compile=compile)
         data = DataConfig(batch_size=4, n_range=(1, 3), image_size=VC.image_size, max_len=vlm.cfg.text.max_seq_len)
         lines = []
         train_stage(vlm, stage, tok, data, image_tokens=1, vision_cfg=VC, log=lines.append, log_every=1,
-                    metrics_path=str(tmp_path / f"{name}.jsonl"), compile=compile)
+                    metrics_path=str(tmp_path / f"{name}.jsonl"))
         return [json.loads(r)["loss"] for r in (tmp_path / f"{name}.jsonl").read_text().splitlines()], lines
 
     kw = dict(n_layers=3, resampler_grid=True, resampler_halo=1, two_hop=True, window_queries=True, ground_layer=0)

@@ -50,6 +50,8 @@ def test_recipe_vlm_options_reach_the_model():
     assert inline.cfg.ground_layer == cross.cfg.ground_layer == r.ground_layer and cross.cfg.resampler_grid
     (_, joint), (_, cross_joint) = vlm_stages(r, "inline"), vlm_stages(r, "cross")
     assert (joint.ground_weight, joint.mix.ground) == (cross_joint.ground_weight, cross_joint.mix.ground) == (r.ground_weight, True)
+    align, joint = vlm_stages(r.override(["compile=true"]), "cross")
+    assert joint.compile and not align.compile and not cross_joint.compile  # compile time is spent where the budget is
     assert build_vlm(r.override(["ground_weight=0"]), "inline", tok, vision, lm).cfg.ground_layer is None
     free = r.override(["resampler_grid=false"])
     assert build_vlm(free, "cross", tok, vision, lm).cfg.ground_layer is None and vlm_stages(free, "cross")[1].ground_weight == 0

@@ -50,6 +50,7 @@ class Stage:
     budget_s: float | None = None  # train for this many seconds instead of exactly `steps`
     vision_lr_scale: float = 1.0  # the vision tower's learning rate is lr * this (pre-trained features drift less)
     ground_weight: float = 0.0  # loss += this * the grounding loss (needs mix.ground and a VLM with ground_layer set)
+    compile: bool = False  # each block through torch.compile (compiled_blocks); its compile time counts in budget_s
 
 
 @dataclass
@@ -163,10 +164,9 @@ def is_compile_error(e: BaseException) -> bool:
 
 def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, image_tokens: int = 1, vision_cfg=None,
                 log=print, log_every: int = 50, grad_clip: float = 1.0, weight_decay: float = 0.0,
-                metrics_path: str | None = None, pool=None, compile: bool = False) -> dict:
-    """Train one stage; returns {"stage", "steps", "loss" (mean of the last logged 10%), "seconds", ...}.
-    compile: each block through torch.compile (compiled_blocks); a compile that fails is logged and the stage goes
-    on eagerly."""
+                metrics_path: str | None = None, pool=None) -> dict:
+    """Train one stage; returns {"stage", "steps", "loss" (mean of the last logged 10%), "seconds", ...}. With
+    stage.compile, a compile that fails is logged with its traceback and the stage goes on eagerly."""
     device = model_device(model)
     if isinstance(model, VLM):
         model.set_trainable(stage.parts)
@@ -184,7 +184,7 @@ def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, 
                           ground_grid=ground_grid)
     it = batches(stream, data.workers)
     autocast = autocast_for(device)
-    compiled = contextlib.ExitStack()
+    compiled, compile = contextlib.ExitStack(), stage.compile
     if compile:
         compiled.enter_context(compiled_blocks(model))
     metrics = open(metrics_path, "a") if metrics_path else None
@@ -306,7 +306,7 @@ class Recipe:
     two_hop: bool = False  # cross: find the named object on wide latents, read it on narrow ones (VLMConfig.two_hop)
     image_first: bool = False  # cross: images before the question in the user turn (Flamingo's layout; VLMConfig.image_first)
     pointer: str = "answer"  # cross: where the pointer heads learn to find the named objects (VLMConfig.pointer)
-    compile: bool = False  # VLM stages through torch.compile (train_stage; more steps in a time budget on a GPU)
+    compile: bool = False  # joint stage through torch.compile (Stage.compile; more steps in its time budget on a GPU)
 
     def override(self, pairs: list[str]) -> Recipe:
         """FIELD=VALUE pairs, VALUE in JSON (numbers, null, lists, objects): omnigpt.config.override_fields."""
@@ -350,7 +350,7 @@ def vlm_stages(recipe: Recipe, mode: str = "inline") -> list[Stage]:
     ground = recipe.ground_weight if grounded(recipe, mode) else 0.0
     return [Stage("align", recipe.steps_align, lr, ("connector",), ALIGN_MIX, budget_s=recipe.budget_align_s),
             Stage("joint", recipe.steps_joint, lr, joint_parts, replace(JOINT_MIX, ground=ground > 0), budget_s=recipe.budget_joint_s,
-                  vision_lr_scale=recipe.vision_lr_scale, ground_weight=ground)]
+                  vision_lr_scale=recipe.vision_lr_scale, ground_weight=ground, compile=recipe.compile)]
 
 
 def pretrain_clip(recipe: Recipe, tok, pool, device: torch.device, log=print, metrics_path: str | None = None):
@@ -435,7 +435,7 @@ def run_recipe(recipe: Recipe, modes: list[str], out_dir: str | os.PathLike, dev
     for mode in modes:  # 3. per fusion mode: align, joint, evaluate
         vlm = build_vlm(recipe, mode, tok, vision, lm).to(device)
         stage_res = train_vlm(vlm, tok, vlm_stages(recipe, mode), data, log=log, log_every=200,
-                              metrics_path=str(out / f"{mode}_metrics.jsonl"), pool=pool, compile=recipe.compile)
+                              metrics_path=str(out / f"{mode}_metrics.jsonl"), pool=pool)
         train_info[mode] = stage_res
         save_vlm(vlm, out / mode, tok, extra={"train": stage_res, "recipe": asdict(recipe)})
         extra[mode] = {"params": f"{sum(p.numel() for p in vlm.parameters()) / 1e6:.1f}M",
