@@ -158,8 +158,9 @@ def compiled_blocks(model: torch.nn.Module):
 
 
 def is_compile_error(e: BaseException) -> bool:
-    """Whether an exception comes from torch.compile (Dynamo, AOTAutograd, Inductor), not from the model."""
-    return type(e).__module__.startswith(("torch._dynamo", "torch._inductor", "torch._functorch", "torch.fx"))
+    """Whether an exception comes from torch.compile (Dynamo, AOTAutograd, Inductor, or the Triton kernels it
+    generated, e.g. out of shared memory), not from the model."""
+    return type(e).__module__.startswith(("torch._dynamo", "torch._inductor", "torch._functorch", "torch.fx", "triton"))
 
 
 def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, image_tokens: int = 1, vision_cfg=None,
