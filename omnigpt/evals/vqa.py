@@ -118,8 +118,7 @@ def eval_pointer(vlm: VLM, tok, n_values, per_type: int = 50, types=("color", "p
     from omnigpt.data.vision_samples import collate
     from omnigpt.train.vlm import autocast_for, model_device
 
-    if vlm.cfg.fusion != "cross" or vlm.cfg.ground_layer is None:
-        raise ValueError("eval_pointer needs a cross-attention VLM with a grounded block (VLMConfig.ground_layer)")
+    vlm.require_pointer()  # before any sample: a model without a grounded block has no cells to label them with
     device = model_device(vlm)
     vlm.eval()
     by_n = {}

@@ -671,13 +671,16 @@ class VLM(nn.Module):
             out.append((logits, media.visible_BTQ, offset))
         return out
 
+    def require_pointer(self) -> None:
+        if self.cfg.fusion != "cross" or self.cfg.ground_layer is None:
+            raise ValueError("pointer diagnostics need a cross-attention VLM with a grounded block (VLMConfig.ground_layer)")
+
     @torch.no_grad()
     def pointer_hits(self, ids_BT: torch.Tensor, pixels_NCHW: torch.Tensor, ground) -> list[tuple[int, int]]:
         """Cross fusion, a diagnostic of what the pointer heads find: per look, (hits, tries) over the grounded rows'
         answer positions and named objects (pointer_targets), where a hit is a pointer head's strongest latent in
         its look lying on the named object."""
-        if self.cfg.fusion != "cross" or self.cfg.ground_layer is None:
-            raise ValueError("pointer_hits needs a cross-attention VLM with a grounded block (VLMConfig.ground_layer)")
+        self.require_pointer()
         _, seen = self.forward_seen(ids_BT, None, pixels_NCHW)
         points = pointer_targets(self.cfg.pointer, ground)
         return [pointer_hit_count(logits, visible, ground.cells_BG, points, offset)

@@ -193,13 +193,18 @@ def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, 
     clock, step = Clock(stage.steps, stage.budget_s), 0
     skipped = bad_run = 0  # steps whose gradients were not finite, in all and in a row
     warmup = min(stage.warmup, stage.steps // 5)
+
+    def forward_backward(batch):
+        with autocast:
+            loss, ground_loss = forward_loss(model, batch, vision_cfg, stage.ground_weight)
+        loss.backward()
+        return loss, ground_loss
+
     while not clock.done(step):
         set_lr(opt, lr_at(step, clock.progress(step), warmup))
         batch = next(it).to(device)
         try:
-            with autocast:
-                loss, ground_loss = forward_loss(model, batch, vision_cfg, stage.ground_weight)
-            loss.backward()
+            loss, ground_loss = forward_backward(batch)
         except Exception as e:  # noqa: BLE001 - only a compiler's failure is retried, eagerly
             if not compile or not is_compile_error(e):
                 raise
@@ -207,9 +212,7 @@ def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, 
             compiled.close()
             compile = False
             opt.zero_grad(set_to_none=True)  # a backward that failed halfway may have left some gradients
-            with autocast:
-                loss, ground_loss = forward_loss(model, batch, vision_cfg, stage.ground_weight)
-            loss.backward()
+            loss, ground_loss = forward_backward(batch)
         gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         if math.isfinite(float(gnorm)):  # a bf16 overflow skips one step instead of poisoning the weights
             opt.step()
