@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from omnigpt.evals.vqa import format_table  # noqa: E402
+from omnigpt.evals.vqa import format_table, pointer_line  # noqa: E402
 from omnigpt.train.vlm import Recipe, quick_recipe, run_recipe  # noqa: E402
 
 
@@ -81,11 +81,11 @@ def main(argv=None) -> int:
     table = format_table(s["results"], s["extra"])
     for mode, res in s["results"].items():  # cross: what the pointer heads find (evals.vqa.eval_pointer)
         if "pointer" in res:
-            table += (f"\n\n{mode}: pointer heads' strongest latent on the named object (%, answers given; "
-                      f"one figure per look, wide/narrow with two_hop)\n")
-            table += "\n".join(f"{mode} {n:>4}  " + "  ".join(f"{t} {'/'.join(f'{100 * r:.0f}' for r in rates)}"
-                                                           for t, rates in row.items())
-                               for n, row in res["pointer"].items())
+            table += (f"\n\n{mode}: pointer heads on the named object (%, answers given; per look, wide/narrow with "
+                      f"two_hop): hit = strongest latent there, mass = share of attention there; right = answered "
+                      f"right, after all looks hit and after a miss (of the questions)\n")
+            table += "\n".join(f"{mode} {n:>4}  {t:<8} {pointer_line(r)}" for n, row in res["pointer"].items()
+                               for t, r in row.items())
     print(table)
     print(f"\ntotal {s['total_s']:.0f}s; torch {torch.__version__}; "
           f"command: python benchmarks/vision_shapebind.py {' '.join(argv if argv is not None else sys.argv[1:])}")

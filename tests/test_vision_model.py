@@ -604,31 +604,43 @@ def test_compiled_training_matches_eager_leaves_the_model_eager_and_survives_a_f
     assert sum("torch.compile failed" in line for line in lines) == 1 and "no code generator here" in "\n".join(lines)
 
 
-def test_pointer_hits_count_the_heads_strongest_latent_on_the_named_object(tok):
-    from omnigpt.evals.vqa import eval_pointer
-    from omnigpt.model.multimodal import pointer_hit_count
+def test_pointer_rows_say_whether_the_heads_find_the_named_object_and_how_much_they_read_of_it(tok):
+    from omnigpt.evals.vqa import eval_pointer, pointer_line
+    from omnigpt.model.multimodal import pointer_rows
 
-    # two rows, 4 cells; row 0 names objects 1 (cell 2) and 2 (cell 0); row 1 names only object 1 (cell 3)
-    cells = torch.tensor([[2, 0, 1, 0], [0, 0, 0, 1]])
-    answer = torch.tensor([[True, True], [True, False]])
-    logits = torch.zeros(2, 2, 2, 8)
+    # three rows, 4 cells; row 0 names objects 1 (cell 2) and 2 (cell 0); row 1 only object 1 (cell 3); row 2 none
+    cells = torch.tensor([[2, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]])
+    answer = torch.tensor([[True, True], [True, False], [True, True]])
+    logits = torch.zeros(3, 2, 2, 8)
     logits[0, 0, :, 2] = 5.0  # row 0, head 0: on object 1 at both answer positions
-    logits[0, 1, 0, 0] = 5.0  # row 0, head 1: on object 2 once, on cell 1 (nothing named) once
+    logits[0, 1, 0, 0] = 5.0  # row 0, head 1: on object 2 once, on cell 1 (nothing named) once: a miss
     logits[0, 1, 1, 1] = 5.0
     logits[1, 0, 0, 3] = 5.0  # row 1, head 0: on object 1 ...
-    logits[1, 0, 0, 7] = 9.0  # ... but a stronger latent outside the look (media 4 .. 8 with offset 0) does not count
-    visible = torch.ones(2, 2, 8, dtype=torch.bool)
+    logits[1, 0, 0, 7] = 9.0  # ... and a stronger latent outside the look (media 4 .. 8) takes most of its attention
+    visible = torch.ones(3, 2, 8, dtype=torch.bool)
     points = [(0, 1, answer), (1, 2, answer)]
-    assert pointer_hit_count(logits, visible, cells, points) == (4, 5)  # row 1 names no second object: 3 + 2 tries
+    hit, mass, tried = pointer_rows(logits, visible, cells, points)
+    assert hit.tolist() == [False, True, False] and tried.tolist() == [True, True, False]
+    e5 = math.exp(5)
+    on = e5 / (e5 + 7)  # a head with one latent at 5 among 8
+    assert mass[0].item() == pytest.approx((on + on + on + 1 / (e5 + 7)) / 4)  # two points of each head, averaged
+    assert mass[1].item() == pytest.approx(e5 / (e5 + math.exp(9) + 6))  # the share over all media, not the look's
+    assert mass[2].item() == 0.0
     shifted = torch.cat([logits[..., 4:], logits[..., :4]], dim=-1)  # the same cells, taught at media 4 .. 8
-    assert pointer_hit_count(shifted, visible, cells, points, offset=4) == (4, 5)
+    again = pointer_rows(shifted, visible, cells, points, offset=4)
+    assert again[0].tolist() == hit.tolist() and torch.allclose(again[1], mass)
     hidden = visible.clone()
-    hidden[0, :, 2] = False  # a latent the token may not see is never its pick
-    assert pointer_hit_count(logits, hidden, cells, points)[0] == 2
+    hidden[1, :, 7] = False  # a latent the token may not see takes none of its attention
+    assert pointer_rows(logits, hidden, cells, points)[1][1].item() == pytest.approx(e5 / (e5 + 6))
 
-    # on held-out questions: one rate per look and question type
+    # on held-out questions: hit and mass per look and question type, and the answers right after hits and misses
     vlm = make_vlm(tok, "cross", n_layers=3, resampler_grid=True, resampler_halo=1, two_hop=True, ground_layer=0)
-    res = eval_pointer(vlm, tok, (2,), per_type=3, types=("color", "position"), log=lambda *_: None)
-    assert set(res[2]) == {"color", "position"} and all(len(r) == 2 and all(0 <= x <= 1 for x in r) for r in res[2].values())
+    res = eval_pointer(vlm, tok, (2,), per_type=6, types=("color", "position"), log=lambda *_: None)
+    assert set(res[2]) == {"color", "position"}
+    for r in res[2].values():
+        assert len(r["hit"]) == len(r["mass"]) == 2 and all(0 <= x <= 1 for x in r["hit"] + r["mass"] + [r["right"], r["missed"]])
+        parts = [(x, w) for x, w in ((r["right_if_hit"], 1 - r["missed"]), (r["right_if_missed"], r["missed"])) if x is not None]
+        assert sum(x * w for x, w in parts) == pytest.approx(r["right"])  # the two groups make up the whole
+        assert pointer_line(r).startswith("hit ")
     with pytest.raises(ValueError, match="grounded block"):
         eval_pointer(make_vlm(tok, "cross"), tok, (2,), per_type=1, log=lambda *_: None)

@@ -111,10 +111,12 @@ def eval_vqa(vlm: VLM, tok, n_values=(1, 2, 4, 8, 12, 16), per_type: int = 50, t
 @torch.no_grad()
 def eval_pointer(vlm: VLM, tok, n_values, per_type: int = 50, types=("color", "position"), batch_size: int = 64,
                  seed: int = 0, log=print) -> dict:
-    """Cross fusion with a grounded block (VLMConfig.ground_layer): how often each look's pointer heads put their
-    strongest attention on the named object (VLM.pointer_hits), by N and question type, on the same held-out
-    questions as eval_vqa with their answers given (teacher forcing). Tells a wrong answer's two causes apart:
-    the wrong object found, or the right one found and misread. {N: {type: [hit rate of each look]}}."""
+    """Cross fusion with a grounded block (VLMConfig.ground_layer): what each look's pointer heads find
+    (VLM.pointer_report), by N and question type, on the same held-out questions as eval_vqa with their answers
+    given (teacher forcing). {N: {type: {"hit": [per look: share of questions whose head's strongest latent is on
+    the named object], "mass": [per look: mean share of its attention there], "right": share answered right,
+    "missed": share where some look missed, "right_if_hit", "right_if_missed": the share right among each (None if
+    there are none)}}}. A wrong answer after a hit is the right object misread; after a miss, the wrong one found."""
     from omnigpt.data.vision_samples import collate
     from omnigpt.train.vlm import autocast_for, model_device
 
@@ -128,16 +130,35 @@ def eval_pointer(vlm: VLM, tok, n_values, per_type: int = 50, types=("color", "p
             samples = [s for s in eval_samples(tok, vlm.cfg.image_tokens, n, per_type, vlm.cfg.vision.image_size, (qtype,),
                                                seed, not vlm.cfg.image_first, ground_grid=vlm.cfg.ground_grid)
                        if s.ground_cells]
-            counts = None
+            rows = []  # per batch: (hit_LB, mass_LB, right_B) over the rows with a pointer target
             for k in range(0, len(samples), batch_size):
                 batch = collate(samples[k: k + batch_size], tok.pad_id, vlm.cfg.vision.image_size).to(device)
                 with autocast_for(device):
-                    looks = vlm.pointer_hits(batch.inputs, normalize(batch.images, vlm.cfg.vision), batch.ground)
-                counts = looks if counts is None else [(h + h2, t + t2) for (h, t), (h2, t2) in zip(counts, looks)]
-            if counts:
-                by_n[n][qtype] = [h / max(t, 1) for h, t in counts]
-        log(f"[pointer] N={n}: " + "  ".join(f"{t} " + "/".join(f"{100 * r:.0f}" for r in rates) for t, rates in by_n[n].items()))
+                    rep = vlm.pointer_report(batch.inputs, normalize(batch.images, vlm.cfg.vision), batch.ground, batch.targets)
+                tried = rep["looks"][0][2]
+                rows.append((torch.stack([h[tried] for h, _, _ in rep["looks"]]),
+                             torch.stack([m[tried] for _, m, _ in rep["looks"]]), rep["right_B"][tried]))
+            if not rows:
+                continue
+            hit_LB, mass_LB, right_B = (torch.cat(t, dim=-1).cpu() for t in zip(*rows))
+            if not right_B.numel():
+                continue
+            all_hit = hit_LB.all(0)
+            share = lambda x: float(x.float().mean()) if x.numel() else None  # noqa: E731
+            by_n[n][qtype] = {"hit": [share(h) for h in hit_LB], "mass": [float(m.mean()) for m in mass_LB],
+                              "right": share(right_B), "missed": share(~all_hit),
+                              "right_if_hit": share(right_B[all_hit]), "right_if_missed": share(right_B[~all_hit])}
+        log(f"[pointer] N={n}: " + "  ".join(f"{t} {pointer_line(r)}" for t, r in by_n[n].items()))
     return by_n
+
+
+def pointer_line(r: dict) -> str:
+    """One eval_pointer cell in a line: hit and mass per look (wide/narrow with two_hop), then how often the answer
+    is right after all looks hit, and after a miss (with the share of misses)."""
+    pct = lambda x: "-" if x is None else f"{100 * x:.0f}"  # noqa: E731
+    return (f"hit {'/'.join(pct(h) for h in r['hit'])} mass {'/'.join(pct(m) for m in r['mass'])} "
+            f"right {pct(r['right'])} (after hits {pct(r['right_if_hit'])}, after misses {pct(r['right_if_missed'])} "
+            f"of {pct(r['missed'])})")
 
 
 def score_vqa(answer, tok, image_tokens: int, image_size: int, n_values, per_type: int, types=EVAL_TYPES,

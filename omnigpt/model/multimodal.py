@@ -501,21 +501,31 @@ def pointer_loss(logits_BKTQ: torch.Tensor, visible_BTQ: torch.Tensor, cells_BG:
     return terms / n.clamp(min=1)
 
 
-def pointer_hit_count(logits_BKTQ: torch.Tensor, visible_BTQ: torch.Tensor, cells_BG: torch.Tensor,
-                      points: list[tuple[int, int, torch.Tensor]], offset: int = 0) -> tuple[int, int]:
-    """(hits, tries): over pointer_loss's points, how often head h's strongest visible latent among media offset ..
-    offset + G is one of the k-th named object's cells."""
+def pointer_rows(logits_BKTQ: torch.Tensor, visible_BTQ: torch.Tensor, cells_BG: torch.Tensor,
+                 points: list[tuple[int, int, torch.Tensor]], offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row, over pointer_loss's points (head h at the positions where_BT, on the k-th named object's cells among
+    media offset .. offset + G): (hit_B: at every point the head's strongest visible latent of the look is one of
+    those cells, mass_B: the mean share of the head's attention, over all visible media, that lands on them,
+    tried_B: the row has a point). Mass is what the head's read value is made of; a hit alone can hide an attention
+    spread over the other objects."""
     G = cells_BG.shape[1]
-    logits = logits_BKTQ.float().masked_fill(~visible_BTQ.unsqueeze(1), float("-inf"))[..., offset:offset + G]
-    hits = tries = 0
+    logits = logits_BKTQ.float().masked_fill(~visible_BTQ.unsqueeze(1), float("-inf"))
+    probs = logits.softmax(-1).nan_to_num(0.0)[..., offset:offset + G]  # a position that sees no media reads nothing
+    logits = logits[..., offset:offset + G]
+    B = cells_BG.shape[0]
+    hit_B = torch.ones(B, dtype=torch.bool, device=cells_BG.device)
+    mass_B = torch.zeros(B, device=cells_BG.device)
+    n_B = torch.zeros(B, device=cells_BG.device)
     for h, k, where_BT in points:
         target_BG = cells_BG == k
         use_BT = where_BT & target_BG.any(1, keepdim=True)
-        best_BT = logits[:, h].argmax(-1)
-        on_target_BT = target_BG.gather(1, best_BT)
-        hits += int((on_target_BT & use_BT).sum())
-        tries += int(use_BT.sum())
-    return hits, tries
+        on_target_BT = target_BG.gather(1, logits[:, h].argmax(-1))
+        hit_B &= (on_target_BT | ~use_BT).all(1)
+        mass_BT = (probs[:, h] * target_BG[:, None].to(probs.dtype)).sum(-1)
+        mass_B += (mass_BT * use_BT).sum(1)
+        n_B += use_BT.sum(1)
+    tried_B = n_B > 0
+    return hit_B & tried_B, mass_B / n_B.clamp(min=1), tried_B
 
 
 def pointer_targets(pointer: str, ground) -> list[tuple[int, int, torch.Tensor]]:
@@ -676,15 +686,19 @@ class VLM(nn.Module):
             raise ValueError("pointer diagnostics need a cross-attention VLM with a grounded block (VLMConfig.ground_layer)")
 
     @torch.no_grad()
-    def pointer_hits(self, ids_BT: torch.Tensor, pixels_NCHW: torch.Tensor, ground) -> list[tuple[int, int]]:
-        """Cross fusion, a diagnostic of what the pointer heads find: per look, (hits, tries) over the grounded rows'
-        answer positions and named objects (pointer_targets), where a hit is a pointer head's strongest latent in
-        its look lying on the named object."""
+    def pointer_report(self, ids_BT: torch.Tensor, pixels_NCHW: torch.Tensor, ground, targets_BT: torch.Tensor) -> dict:
+        """Cross fusion, a diagnostic of what the pointer heads find, with the answers given (teacher forcing): per
+        row, "looks": [pointer_rows' (hit_B, mass_B, tried_B) of each look], and "right_B": every answer token is the
+        model's top prediction. Right against hit tells a wrong answer's causes apart: the wrong object found, or
+        the right one found and misread."""
         self.require_pointer()
-        _, seen = self.forward_seen(ids_BT, None, pixels_NCHW)
+        out, seen = self.forward_seen(ids_BT, None, pixels_NCHW)
+        targets_BT = text_only_targets(targets_BT, self.cfg.image_id)
+        learn_BT = targets_BT != IGNORE
+        right_B = ((out.logits.argmax(-1) == targets_BT) | ~learn_BT).all(1) & learn_BT.any(1)
         points = pointer_targets(self.cfg.pointer, ground)
-        return [pointer_hit_count(logits, visible, ground.cells_BG, points, offset)
-                for logits, visible, offset in self.pointer_looks(seen)]
+        return {"looks": [pointer_rows(logits, visible, ground.cells_BG, points, offset)
+                          for logits, visible, offset in self.pointer_looks(seen)], "right_B": right_B}
 
     # -- training helpers ------------------------------------------------------------------------------------
     def parts(self) -> dict[str, list[nn.Parameter]]:
