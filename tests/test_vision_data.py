@@ -97,6 +97,17 @@ def test_caption_grammar():
     assert sorted((o.row, o.col) for o in twin.objects) == sorted((o.row, o.col) for o in three.objects)
     assert sorted(map(sb.describe, twin.objects)) == sorted(map(sb.describe, three.objects))
     assert sb.located_caption(twin) != sb.located_caption(three) and sb.rebind(one, 1) is None
+    # a shape negative: one object drawn as another shape, everything else as it was
+    other = sb.change_shape(three, 1)
+    changed = [(a, b) for a, b in zip(three.objects, other.objects) if a != b]
+    assert len(changed) == 1 and changed[0][0].shape != changed[0][1].shape
+    assert replace(changed[0][1], shape=changed[0][0].shape) == changed[0][0]
+    assert sb.caption(other) != sb.caption(three) and sb.change_shape(one, 1).objects[0].shape != "circle"
+    # the dense shape labels: each 8 px patch whose centre lies in an object's disc names that object's shape
+    labels = sb.patch_shapes(two, 16).reshape(16, 16)
+    circle, star = 1 + sb.SHAPES.index("circle"), 1 + sb.SHAPES.index("star")
+    assert labels[3, 3] == circle and labels[0, 0] == 0 and labels[3, 11] == star and labels[11, 11] == star
+    assert (labels == circle).sum() == 3 * 3 - 1 and set(np.unique(labels)) == {0, circle, star}  # r = 12 px: 3 x 3 centres but a corner
     # every object of a crowded scene is named with the cell its "where" answer gives
     located = sb.located_caption(three)
     assert all(f"{sb.describe(o)} in {qa.answer}" in located for o in three.objects

@@ -97,11 +97,19 @@ def test_clip_caption_styles(tok):
     from omnigpt.train.clip import CaptionStream, CLIPTrainConfig
 
     tc = CLIPTrainConfig(batch_size=6, n_range=(2, 4), image_size=64, captions="located")
-    images, ids, lengths, _ = next(iter(CaptionStream(tok, tc)))
+    images, ids, lengths, _, _ = next(iter(CaptionStream(tok, tc)))
     texts = [tok.decode(ids[b, : lengths[b] - 1].tolist()) for b in range(6)]
     assert all(t.count(" in row ") >= 2 and ", column " in t for t in texts)  # every object placed
     with pytest.raises(ValueError, match="captions='where'"):
         dataclasses.replace(tc, captions="where")  # refused when configured, before any stream or model exists
+    # shape negatives: a scene then its twin with one shape changed, so only shape tells the two captions apart
+    tc = CLIPTrainConfig(batch_size=8, n_range=(1, 3), image_size=64, shape_negatives=1.0)
+    images, ids, lengths, same, _ = next(iter(CaptionStream(tok, tc)))
+    texts = [tok.decode(ids[b, : lengths[b] - 1].tolist()) for b in range(8)]
+    assert all(a != b for a, b in zip(texts[0::2], texts[1::2]))
+    assert not same[0, 1] and not torch.equal(images[0], images[1])
+    with pytest.raises(ValueError, match="together <= 1"):
+        dataclasses.replace(tc, hard_negatives=0.5, shape_negatives=0.6)
 
 
 def grounded_batch(tok, image_tokens: int, grid: int, qtype: str = "where", n: int = 2, question_first: bool = True):

@@ -3,6 +3,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,3 +108,22 @@ def test_clip_vit_cache_trains_once_per_setting(tmp_path):
     clip_vit(r.override(['text={"d_model": 64, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64, "max_seq_len": 192}']),
              tok, pool, cpu, log=lines.append, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("vit_*.safetensors"))) == 2 and sum("CLIP-trained ViT from" in line for line in lines) == 2
+
+
+def test_clip_dense_shape_loss_teaches_the_patches_their_objects_shape():
+    from omnigpt.data import scenes as sb
+    from omnigpt.data.vision_samples import ScenePool, shapebind_tokenizer
+    from omnigpt.train.vlm import clip_vit
+
+    r = toy_recipe().override(["image_size=64", "steps_clip=80", "clip_dense_shape=1.0", "n_train=[1,3]"])
+    tok = shapebind_tokenizer()
+    pool = ScenePool(200, r.n_train, r.image_size, "pool")
+    lines = []
+    torch.manual_seed(0)
+    _, res = clip_vit(r, tok, pool, torch.device("cpu"), log=lines.append)
+    dense = [float(line.split("dense shape ")[1].split(")")[0]) for line in lines if "dense shape" in line]
+    # what a head that ignores the image can do: the entropy of the labels' marginal over these scenes
+    labels = np.concatenate([sb.patch_shapes(sb.make_scene(f"m{i}", 1 + i % 3, 64), 8) for i in range(300)])
+    p = np.bincount(labels) / len(labels)
+    marginal = float(-(p[p > 0] * np.log(p[p > 0])).sum())
+    assert res["steps"] == 80 and dense[0] > marginal > res["dense_loss"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -116,6 +116,35 @@ def rebind(scene: Scene, seed: int | str) -> Scene | None:
         cy = (row + 0.5) * cell + rng.uniform(-slack, slack)
         objs.append(Obj(o.shape, o.color, o.size, row, col, round(cx, 2), round(cy, 2), o.d))
     return Scene(f"{scene.seed}~{seed}", scene.image_size, scene.grid, tuple(objs))
+
+
+def change_shape(scene: Scene, seed: int | str) -> Scene:
+    """The same scene with one object drawn as another shape (same colour, size and place): a hard negative whose
+    caption differs in one word. CLIP on plain captions can tell a batch's scenes apart by their colours alone, and
+    its ViT then hardly sees shape (benchmarks/vision_shape_probe.py); these pairs can only be told apart by it."""
+    rng = random.Random(f"change_shape:{scene.seed}:{len(scene.objects)}:{seed}")
+    k = rng.randrange(len(scene.objects))
+    o = scene.objects[k]
+    new = replace(o, shape=rng.choice([s for s in SHAPES if s != o.shape]))
+    return Scene(f"{scene.seed}~shape{seed}", scene.image_size, scene.grid, scene.objects[:k] + (new,) + scene.objects[k + 1:])
+
+
+def patch_shapes(scene: Scene, grid: int) -> np.ndarray:
+    """(grid * grid,) int64, one label per patch of a grid x grid split in reading order: 1 + the index in SHAPES of
+    the object whose disc (diameter o.d) holds the patch's centre, the nearest centre winning; 0 where none does.
+    The target of CLIP's dense shape loss (CLIPTrainConfig.dense_shape)."""
+    side = scene.image_size / grid
+    centre = (np.arange(grid) + 0.5) * side
+    py, px = np.meshgrid(centre, centre, indexing="ij")
+    labels = np.zeros(grid * grid, dtype=np.int64)
+    if not scene.objects:
+        return labels
+    d2 = np.stack([(px.ravel() - o.cx) ** 2 + (py.ravel() - o.cy) ** 2 for o in scene.objects])  # (N, P)
+    nearest = d2.argmin(0)
+    inside = d2[nearest, np.arange(grid * grid)] <= np.array([o.d / 2 for o in scene.objects])[nearest] ** 2
+    shape_ids = np.array([1 + SHAPES.index(o.shape) for o in scene.objects])
+    labels[inside] = shape_ids[nearest[inside]]
+    return labels
 
 
 def bbox(o: Obj) -> tuple[float, float, float, float]:

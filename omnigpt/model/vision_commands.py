@@ -105,7 +105,8 @@ def cmd_train_clip(args) -> None:
     from omnigpt.data.image_captions import image_caption_pairs
     from omnigpt.data.vision_samples import ScenePool, shapebind_tokenizer
     from omnigpt.model.vision import CLIP, CLIPConfig, TextTowerConfig, VisionConfig
-    from omnigpt.train.clip import CLIPTrainConfig, save_clip, train_clip
+    from omnigpt.train.clip import save_clip, train_clip
+    from omnigpt.train.vlm import clip_train_config
 
     r, device, log = _recipe(args), _device(args.device), _log(time.perf_counter())
     tok = shapebind_tokenizer()
@@ -118,9 +119,7 @@ def cmd_train_clip(args) -> None:
     torch.manual_seed(0)
     model = CLIP(CLIPConfig(vcfg, ttc, embed_dim=128)).to(device)
     pool = ScenePool(r.pool_scenes, r.n_train, r.image_size, "pool", workers=r.workers)
-    tc = CLIPTrainConfig(steps=r.steps_clip, budget_s=r.budget_clip_s, batch_size=r.clip_batch_size, lr=r.lr,
-                         n_range=r.n_train, image_size=r.image_size, workers=r.workers, real_frac=args.real_frac,
-                         captions=r.clip_captions, hard_negatives=r.clip_hard_negatives)
+    tc = clip_train_config(r, real_frac=args.real_frac, log_every=50)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     res = train_clip(model, tok, tc, real_pairs=real, log=log, metrics_path=str(Path(args.out) / "metrics.jsonl"), pool=pool)
     save_clip(model, args.out, tok)

@@ -3,6 +3,12 @@ mixed with emoji / clip-art captions. The vision tower then initialises a VLM's 
 
 Batches: B images with their captions (token ids + <|endoftext|>, right-padded; the text tower pools at the last
 real token). Captions can repeat within a batch (small scenes): identical captions count as positives.
+
+Captions alone teach the ViT little about shape: a batch's scenes differ enough in colour, and a CLIP-trained
+ViT's patch tokens then say their object's colour but hardly its shape (benchmarks/vision_shape_probe.py), which a
+VLM needs to find "the diamond". Two levers: shape negatives (a scene beside its twin with one shape changed, told
+apart only by that shape) and a dense shape loss (a linear head on every patch names the shape of the object there,
+scenes.patch_shapes; the head is dropped after training).
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from omnigpt.data import scenes as sb
-from omnigpt.data.vision_samples import draw_scene
+from omnigpt.data.vision_samples import IGNORE, draw_scene
 from omnigpt.model.vision import CLIP, CLIPConfig, normalize
 from omnigpt.train.optim import build_optimizer, set_lr
 from omnigpt.train.vlm import Clock, autocast_for, lr_at, model_device
@@ -35,6 +42,8 @@ class CLIPTrainConfig:
     real_frac: float = 0.0  # share of emoji / clip-art pairs (when installed)
     captions: str = "plain"  # scenes: "plain" (scenes.caption) or "located" (scenes.located_caption: every object's cell)
     hard_negatives: float = 0.0  # share of scenes followed in the batch by their scenes.rebind twin (what is where differs)
+    shape_negatives: float = 0.0  # share followed by their scenes.change_shape twin (one object's shape differs)
+    dense_shape: float = 0.0  # + this x a per-patch loss: a linear head on the ViT's patches names the shape there
     workers: int = 0
     seed: int = 0
     log_every: int = 50
@@ -42,10 +51,14 @@ class CLIPTrainConfig:
     def __post_init__(self):
         if self.captions not in ("plain", "located"):
             raise ValueError(f"CLIPTrainConfig.captions={self.captions!r}: expected 'plain' or 'located'")
+        if not (0 <= self.hard_negatives and 0 <= self.shape_negatives and self.hard_negatives + self.shape_negatives <= 1):
+            raise ValueError(f"CLIPTrainConfig: hard_negatives={self.hard_negatives} and shape_negatives="
+                             f"{self.shape_negatives} are shares of the scenes: each >= 0, together <= 1")
 
 
-def caption_batch(tok, images: list[np.ndarray], captions: list[str]):
-    """(images uint8 (B, H, W, 3), ids (B, T), lengths (B,), same (B, B) bool)."""
+def caption_batch(tok, images: list[np.ndarray], captions: list[str], shapes: list[np.ndarray] | None = None):
+    """(images uint8 (B, H, W, 3), ids (B, T), lengths (B,), same (B, B) bool, shapes (B, P): each patch's
+    scenes.patch_shapes label, IGNORE for an image without one; (B, 0) when not asked for)."""
     encoded = [tok.encode(c) + [tok.eot_id] for c in captions]
     T = max(map(len, encoded))
     ids = torch.full((len(encoded), T), tok.pad_id, dtype=torch.long)
@@ -54,12 +67,16 @@ def caption_batch(tok, images: list[np.ndarray], captions: list[str]):
     lengths = torch.tensor([len(e) for e in encoded])
     index = {c: i for i, c in enumerate(dict.fromkeys(captions))}
     keys = torch.tensor([index[c] for c in captions])
-    return torch.from_numpy(np.stack(images)), ids, lengths, keys.unsqueeze(0) == keys.unsqueeze(1)
+    shapes_BP = torch.from_numpy(np.stack(shapes)) if shapes else torch.zeros(len(images), 0, dtype=torch.long)
+    return torch.from_numpy(np.stack(images)), ids, lengths, keys.unsqueeze(0) == keys.unsqueeze(1), shapes_BP
 
 
 class CaptionStream(torch.utils.data.IterableDataset):
-    def __init__(self, tok, tc: CLIPTrainConfig, real_pairs=None, seed_ns: str = "clip", pool=None):
+    """Batches of caption_batch. label_grid > 0: with each scene's patch_shapes on that grid (the ViT's patch grid)."""
+
+    def __init__(self, tok, tc: CLIPTrainConfig, real_pairs=None, seed_ns: str = "clip", pool=None, label_grid: int = 0):
         self.tok, self.tc, self.real_pairs, self.seed_ns, self.pool = tok, tc, real_pairs or [], seed_ns, pool
+        self.label_grid = label_grid
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -67,7 +84,7 @@ class CaptionStream(torch.utils.data.IterableDataset):
         rng = random.Random(f"{self.seed_ns}:{self.tc.seed}:{worker}")
         tc = self.tc
         while True:
-            images, captions, twin = [], [], None
+            images, captions, shapes, twin = [], [], [], None
             for _ in range(tc.batch_size):
                 if self.real_pairs and rng.random() < tc.real_frac:
                     from omnigpt.data.image_captions import load_pair_image
@@ -75,20 +92,27 @@ class CaptionStream(torch.utils.data.IterableDataset):
                     pair = rng.choice(self.real_pairs)
                     images.append(np.asarray(load_pair_image(pair, tc.image_size)))
                     captions.append(pair.caption)
+                    if self.label_grid:
+                        shapes.append(np.full(self.label_grid ** 2, IGNORE, dtype=np.int64))
                 else:
-                    if twin is not None:  # the previous scene's objects dealt to its cells in another order
+                    if twin is not None:  # the previous scene, rebound or with one shape changed
                         scene, image, twin = twin, sb.render_array(twin), None
                     else:
                         scene, image = draw_scene(rng, tc.n_range, tc.image_size, f"{self.seed_ns}{worker}", self.pool)
-                        if rng.random() < tc.hard_negatives:
+                        u = rng.random()
+                        if u < tc.hard_negatives:
                             twin = sb.rebind(scene, rng.randrange(1 << 30))
+                        elif u < tc.hard_negatives + tc.shape_negatives:
+                            twin = sb.change_shape(scene, rng.randrange(1 << 30))
                     images.append(image)
                     captions.append(sb.located_caption(scene) if tc.captions == "located" else sb.caption(scene))
-            yield caption_batch(self.tok, images, captions)
+                    if self.label_grid:
+                        shapes.append(sb.patch_shapes(scene, self.label_grid))
+            yield caption_batch(self.tok, images, captions, shapes or None)
 
 
-def caption_batches(tok, tc: CLIPTrainConfig, real_pairs=None, seed_ns: str = "clip", pool=None):
-    stream = CaptionStream(tok, tc, real_pairs, seed_ns, pool)
+def caption_batches(tok, tc: CLIPTrainConfig, real_pairs=None, seed_ns: str = "clip", pool=None, label_grid: int = 0):
+    stream = CaptionStream(tok, tc, real_pairs, seed_ns, pool, label_grid)
     if tc.workers <= 0:
         return iter(stream)
     return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=tc.workers, prefetch_factor=4))
@@ -98,7 +122,7 @@ def caption_batches(tok, tc: CLIPTrainConfig, real_pairs=None, seed_ns: str = "c
 def retrieval_accuracy(model: CLIP, batch) -> float:
     """Image -> caption top-1 accuracy within a batch (a retrieved caption identical to the true one counts)."""
     device = model_device(model)
-    images, ids, lengths, same = (t.to(device) for t in batch)
+    images, ids, lengths, same, _ = (t.to(device) for t in batch)
     with autocast_for(device):
         _, logits = model(normalize(images, model.cfg.vision), ids, lengths, same)
     best = logits.argmax(-1)
@@ -107,20 +131,32 @@ def retrieval_accuracy(model: CLIP, batch) -> float:
 
 def train_clip(model: CLIP, tok, tc: CLIPTrainConfig, real_pairs=None, log=print, metrics_path: str | None = None,
                pool=None) -> dict:
+    """Contrastive training (and with tc.dense_shape the per-patch shape loss, whose head is dropped afterwards);
+    {"steps", "loss", "retrieval_top1" (held out), "seconds"} (+ "dense_loss")."""
     device = model_device(model)
     model.train()
-    opt = build_optimizer(model, "adamw", lr=tc.lr, weight_decay=tc.weight_decay)
-    it = caption_batches(tok, tc, real_pairs, pool=pool)
+    dense = tc.dense_shape > 0
+    head = torch.nn.Linear(model.cfg.vision.d_model, 1 + len(sb.SHAPES)).to(device) if dense else None
+    trained = torch.nn.ModuleList([model] + ([head] if dense else []))
+    opt = build_optimizer(trained, "adamw", lr=tc.lr, weight_decay=tc.weight_decay)
+    it = caption_batches(tok, tc, real_pairs, pool=pool, label_grid=model.cfg.vision.grid if dense else 0)
+    seen = {}
+    hook = model.vision.register_forward_hook(lambda m, i, out: seen.update(tokens=out.tokens)) if dense else None
     autocast = autocast_for(device)
     metrics = open(metrics_path, "a") if metrics_path else None
     clock, step, warmup = Clock(tc.steps, tc.budget_s), 0, min(tc.warmup, tc.steps // 5)
+    dense_loss = None
     while not clock.done(step):
         set_lr(opt, lr_at(step, clock.progress(step), warmup))
-        images, ids, lengths, same = (t.to(device, non_blocking=True) for t in next(it))
+        images, ids, lengths, same, shapes_BP = (t.to(device, non_blocking=True) for t in next(it))
         with autocast:
             loss, _ = model(normalize(images, model.cfg.vision), ids, lengths, same)
+            if dense:
+                patches = seen.pop("tokens")[:, -shapes_BP.shape[1]:]  # a class token, if any, comes first
+                dense_loss = F.cross_entropy(head(patches).float().flatten(0, 1), shapes_BP.flatten(), ignore_index=IGNORE)
+                loss = loss + tc.dense_shape * dense_loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -128,17 +164,23 @@ def train_clip(model: CLIP, tok, tc: CLIPTrainConfig, real_pairs=None, log=print
             loss.item()  # wait for the GPU, so that a time budget is measured honestly
         if step % tc.log_every == 0 or step == 1:
             rec = {"step": step, "loss": loss.item(), "seconds": clock.elapsed()}
-            log(f"[clip] step {step} loss {rec['loss']:.4f} {rec['seconds']:.0f}s")
+            if dense:
+                rec["dense_loss"] = dense_loss.item()
+            log(f"[clip] step {step} loss {rec['loss']:.4f}" + (f" (dense shape {rec['dense_loss']:.4f})" if dense else "")
+                + f" {rec['seconds']:.0f}s")
             if metrics:
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
+    if hook is not None:
+        hook.remove()
     held_out = CLIPTrainConfig(**{**tc.__dict__, "seed": tc.seed + 10_000, "workers": 0, "real_frac": 0.0})
     acc = retrieval_accuracy(model, next(iter(CaptionStream(tok, held_out, seed_ns="clip-eval"))))
     log(f"[clip] done: {step} steps in {clock.elapsed():.0f}s, loss {loss.item():.4f}; held-out image->caption top-1 "
         f"in batches of {tc.batch_size}: {acc:.3f}")
     if metrics:
         metrics.close()
-    return {"steps": step, "loss": loss.item(), "retrieval_top1": acc, "seconds": clock.elapsed()}
+    res = {"steps": step, "loss": loss.item(), "retrieval_top1": acc, "seconds": clock.elapsed()}
+    return res if dense_loss is None else {**res, "dense_loss": dense_loss.item()}
 
 
 def save_clip(model: CLIP, out_dir: str, tok=None) -> Path:

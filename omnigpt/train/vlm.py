@@ -300,6 +300,8 @@ class Recipe:
     feature_layer: int = -1  # ViT block the connector reads (-2: the penultimate, as LLaVA; see vision_token_locality.py)
     clip_captions: str = "plain"  # CLIP stage: "plain" scene captions, or "located" (every object with its grid cell)
     clip_hard_negatives: float = 0.0  # CLIP stage: share of scenes paired in the batch with their rebind twin
+    clip_shape_negatives: float = 0.0  # CLIP stage: share paired with a twin whose one object has another shape
+    clip_dense_shape: float = 0.0  # CLIP stage: + this x a per-patch shape loss (CLIPTrainConfig.dense_shape)
     ground_weight: float = 0.5  # joint stage: + this x the grounding loss (VLMConfig.ground_layer; 0: off)
     ground_layer: int = 2  # the LM layer whose output the grounding head (inline) or the grounded block (cross) reads
     resampler_grid: bool = True  # cross: each latent reads one window of patches (a grid the grounding loss can name)
@@ -360,17 +362,25 @@ def vlm_stages(recipe: Recipe, mode: str = "inline") -> list[Stage]:
 def pretrain_clip(recipe: Recipe, tok, pool, device: torch.device, log=print, metrics_path: str | None = None):
     """(the recipe's ViT, CLIP-trained on scene captions; train_clip's result)."""
     from omnigpt.model.vision import CLIP, CLIPConfig, TextTowerConfig, VisionConfig
-    from omnigpt.train.clip import CLIPTrainConfig, train_clip
+    from omnigpt.train.clip import train_clip
 
     vcfg = VisionConfig(image_size=recipe.image_size, pool="mean", **recipe.vision)
     ttc = TextTowerConfig(vocab_size=tok.padded_vocab_size(), max_len=256, d_model=vcfg.d_model, n_layers=2,
                           n_heads=vcfg.n_heads, d_ff=vcfg.d_ff)
     clip = CLIP(CLIPConfig(vcfg, ttc, embed_dim=128)).to(device)
-    tc = CLIPTrainConfig(steps=recipe.steps_clip, budget_s=recipe.budget_clip_s, batch_size=recipe.clip_batch_size,
-                         lr=recipe.lr, n_range=recipe.n_train, image_size=recipe.image_size, workers=recipe.workers,
-                         captions=recipe.clip_captions, hard_negatives=recipe.clip_hard_negatives, log_every=100)
-    res = train_clip(clip, tok, tc, log=log, pool=pool, metrics_path=metrics_path)
+    res = train_clip(clip, tok, clip_train_config(recipe), log=log, pool=pool, metrics_path=metrics_path)
     return clip.vision, res
+
+
+def clip_train_config(recipe: Recipe, **more):
+    """The recipe's CLIP stage as a CLIPTrainConfig (`more`: its other fields, e.g. real_frac)."""
+    from omnigpt.train.clip import CLIPTrainConfig
+
+    return CLIPTrainConfig(steps=recipe.steps_clip, budget_s=recipe.budget_clip_s, batch_size=recipe.clip_batch_size,
+                           lr=recipe.lr, n_range=recipe.n_train, image_size=recipe.image_size, workers=recipe.workers,
+                           captions=recipe.clip_captions, hard_negatives=recipe.clip_hard_negatives,
+                           shape_negatives=recipe.clip_shape_negatives, dense_shape=recipe.clip_dense_shape,
+                           **{"log_every": 100, **more})
 
 
 def clip_vit(recipe: Recipe, tok, pool, device: torch.device, log=print, cache_dir: str | os.PathLike | None = None,
@@ -389,6 +399,9 @@ def clip_vit(recipe: Recipe, tok, pool, device: torch.device, log=print, cache_d
         return pretrain_clip(recipe, tok, pool, device, log, metrics_path=metrics_path)
     fields = {k: getattr(recipe, k) for k in ("image_size", "vision", "n_train", "steps_clip", "budget_clip_s",
                                               "clip_batch_size", "lr", "clip_captions", "clip_hard_negatives")}
+    for k in ("clip_shape_negatives", "clip_dense_shape"):  # only when set: the ViTs cached before these keep their keys
+        if getattr(recipe, k):
+            fields[k] = getattr(recipe, k)
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
     path, info = Path(cache_dir) / f"vit_{key}.safetensors", Path(cache_dir) / f"vit_{key}.json"
     if path.exists() and info.exists():
