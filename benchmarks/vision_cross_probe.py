@@ -34,7 +34,7 @@ from omnigpt.config import ModelConfig  # noqa: E402
 from omnigpt.data.vision_samples import Mix, ScenePool, shapebind_tokenizer  # noqa: E402
 from omnigpt.evals.vqa import eval_vqa, format_table  # noqa: E402
 from omnigpt.model.transformer import Transformer  # noqa: E402
-from omnigpt.train.vlm import DataConfig, build_vlm, clip_vit, quick_recipe, train_vlm, vlm_stages  # noqa: E402
+from omnigpt.train.vlm import DataConfig, build_vlm, clip_vit, quick_recipe, train_vlm, vit_from_file, vlm_stages  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-train", type=int, nargs=2, default=(1, 3))
     ap.add_argument("--per-type", type=int, default=40)
     ap.add_argument("--cache", default="runs/cross_probe")
+    ap.add_argument("--vit", default=None, help="start from this CLIP-trained ViT of the recipe (vit_<key>.safetensors)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     tok = shapebind_tokenizer()
     pool = ScenePool(recipe.pool_scenes, recipe.n_train, recipe.image_size, "pool")
     torch.manual_seed(0)
-    vit, _ = clip_vit(recipe, tok, pool, torch.device("cpu"), cache_dir=cache)
+    vit = vit_from_file(args.vit, recipe) if args.vit else clip_vit(recipe, tok, pool, torch.device("cpu"), cache_dir=cache)[0]
     torch.manual_seed(args.seed)
     lm = Transformer(ModelConfig(vocab_size=tok.padded_vocab_size(), **recipe.text))
     vlm = build_vlm(recipe, "cross", tok, vit, lm)
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
                       max_len=recipe.text["max_seq_len"] + 1)
     stages = train_vlm(vlm, tok, [align, joint], data, log=print, log_every=250, pool=pool)
     res = eval_vqa(vlm, tok, recipe.n_eval, args.per_type, types=types, log=print)
-    row = {"name": args.name, "set": args.set, "steps": args.steps, "types": types, "seed": args.seed,
+    row = {"name": args.name, "set": args.set, "vit": args.vit, "steps": args.steps, "types": types, "seed": args.seed,
            "by_n": res["by_n"], "loss": stages[-1]["loss"], "seconds": round(time.perf_counter() - t0, 1),
            "recipe": asdict(recipe)}
     with open(cache / "results.jsonl", "a") as f:

@@ -40,19 +40,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omnigpt.data import scenes as sb  # noqa: E402
-from omnigpt.model.vision import ViT, VisionConfig, normalize  # noqa: E402
-from omnigpt.train.vlm import Recipe  # noqa: E402
+from omnigpt.model.vision import ViT, normalize  # noqa: E402
+from omnigpt.train.vlm import Recipe, vit_from_file  # noqa: E402
 
 SHAPES, COLORS = list(sb.SHAPES), list(sb.COLORS)
 SUMMARIES = ("patch", "narrow mean", "narrow concat", "wide mean", "wide 3x3 concat")
-
-
-def load_vit(path: str, recipe: Recipe) -> ViT:
-    from safetensors.torch import load_file
-
-    vit = ViT(VisionConfig(image_size=recipe.image_size, pool="mean", **recipe.vision))
-    vit.load_state_dict({k: v.float() for k, v in load_file(path).items()})
-    return vit.eval()
 
 
 def place_summaries(tokens_PD: torch.Tensor, grid: int, places: int, r: int, c: int) -> dict[str, torch.Tensor]:
@@ -139,7 +131,7 @@ def main() -> int:
     t0 = time.perf_counter()
     recipe = Recipe().override(args.set)
     if args.vit:
-        vit = load_vit(args.vit, recipe)
+        vit = vit_from_file(args.vit, recipe).eval()
     else:
         from omnigpt.data.vision_samples import ScenePool, shapebind_tokenizer
         from omnigpt.train.vlm import clip_vit

@@ -555,6 +555,20 @@ def test_learned_image_positions_after_the_connector(tok):
             make_vlm(tok, "inline", connector="resampler", **bad)
 
 
+def test_learned_latent_positions_in_both_views_of_two_hop(tok):
+    vlm = make_vlm(tok, "cross", n_layers=3, resampler_grid=True, resampler_halo=1, two_hop=True, pos_lm=True)
+    g = vlm.cfg.ground_grid
+    assert vlm.pos_rows.shape == (g, vlm.cfg.text.d_model) and g * g == vlm.cfg.n_latents
+    pixels = normalize(qa_batch(tok, vlm.cfg.image_tokens, 1)[1].images, VC)
+    with torch.no_grad():
+        base = vlm.encode_images(pixels)
+        vlm.pos_rows[0].fill_(1.0)
+        vlm.pos_cols[1].fill_(2.0)
+        delta = (vlm.encode_images(pixels) - base)[0, :, 0]
+    place = torch.tensor([float(k // g == 0) + 2.0 * float(k % g == 1) for k in range(g * g)])
+    assert torch.allclose(delta, torch.cat([place, place]), atol=1e-6)  # wide latents, then narrow: the same places
+
+
 # ---- learning -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fusion", ["inline", "cross"])
 def test_tiny_vlm_learns_scene_questions(tok, fusion):

@@ -85,7 +85,8 @@ class VLMConfig:
     feature_layer: int = -1  # vision block whose output feeds the connector (-2: the penultimate, as LLaVA)
     pos2d: bool = True  # add a fixed 2-D sin-cos (row, column) embedding to the patch features before the connector
     pos2d_scale: float = 1.0  # pos2d: the sin-cos embedding is multiplied by this (1: as before)
-    pos_lm: bool = False  # inline mlp: add a learned (row, column) embedding in the LM's width after the connector
+    pos_lm: bool = False  # add a learned (row, column) embedding in the LM's width after the connector (inline mlp,
+    # or a grid resampler: each latent's place, for both views of two_hop)
     mrope: bool = False  # inline mlp: image tokens get 2-D rotary positions in the LM (M-RoPE; see mrope_positions)
     ground_layer: int | None = None  # grounding loss on this LM layer's output (None: none); needs image tokens on a grid
     pointer: str = "answer"  # cross grounding: heads point at the named objects from the answer, the "mention"s, or "both"
@@ -108,8 +109,10 @@ class VLMConfig:
             raise ValueError(f"invalid VLMConfig: image_id={self.image_id} is outside the vocabulary of {self.text.vocab_size}")
         if self.cross_every < 1 or self.n_latents < 1:
             raise ValueError("invalid VLMConfig: cross_every and n_latents must be >= 1")
-        if (self.mrope or self.pos_lm) and self.uses_resampler:
-            raise ValueError("invalid VLMConfig: mrope and pos_lm need image tokens on a grid (inline fusion, mlp connector)")
+        if self.mrope and self.uses_resampler:
+            raise ValueError("invalid VLMConfig: mrope needs image tokens on a grid in the text (inline fusion, mlp connector)")
+        if self.pos_lm and self.uses_resampler and not self.resampler_grid:
+            raise ValueError("invalid VLMConfig: pos_lm needs image vectors on a grid (inline mlp connector, or resampler_grid)")
         if self.resampler_grid and self.uses_resampler:
             g = math.isqrt(self.n_latents)
             if g * g != self.n_latents or self.vision.grid % g:
@@ -560,8 +563,8 @@ class VLM(nn.Module):
         self._media = {"now": None}  # what the cross-attention blocks see during the current LM call
         for i in cfg.cross_layers():
             self.lm.layers[i].register_forward_pre_hook(CrossHook(self.xattn[str(i)], self._media))
-        if cfg.pos_lm:  # learned row and column embeddings of the image tokens, in the LM's width
-            gh, gw = cfg.token_grid
+        if cfg.pos_lm:  # learned row and column embeddings of the image tokens (or grid latents), in the LM's width
+            gh = gw = cfg.ground_grid
             self.pos_rows, self.pos_cols = nn.Parameter(torch.zeros(gh, D)), nn.Parameter(torch.zeros(gw, D))
         self._ground: dict = {}  # what the grounding loss reads during the current call
         if cfg.ground_layer is not None and cfg.fusion == "inline":
@@ -610,8 +613,9 @@ class VLM(nn.Module):
         out = self.connector(tokens)
         if self.cfg.two_hop:  # (N, L, [wide | narrow]) -> (N, 2L, D): the L wide latents, then the L narrow ones
             out = torch.cat(out.chunk(2, dim=-1), dim=1)
-        if self.cfg.pos_lm:
-            out = out + (self.pos_rows[:, None] + self.pos_cols[None, :]).flatten(0, 1).to(out.dtype)
+        if self.cfg.pos_lm:  # a grid latent's place, explicitly: the values cross-attention reads then say where it is
+            pos = (self.pos_rows[:, None] + self.pos_cols[None, :]).flatten(0, 1)
+            out = out + (pos.repeat(2, 1) if self.cfg.two_hop else pos).to(out.dtype)
         return out
 
     def forward(self, ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,

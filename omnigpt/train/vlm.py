@@ -295,7 +295,7 @@ class Recipe:
     train_vision: bool = True  # joint stage: fine-tune the ViT too, at lr * vision_lr_scale
     vision_lr_scale: float = 0.1
     mrope: bool = False  # inline: 2-D rotary (row, column) positions of the image tokens in the LM (VLMConfig.mrope)
-    pos_lm: bool = False  # inline: a learned (row, column) embedding added after the connector (VLMConfig.pos_lm)
+    pos_lm: bool = False  # a learned (row, column) embedding added after the connector (VLMConfig.pos_lm; cross: with resampler_grid)
     pos2d_scale: float = 1.0  # the 2-D sin-cos embedding added before the connector, times this
     feature_layer: int = -1  # ViT block the connector reads (-2: the penultimate, as LLaVA; see vision_token_locality.py)
     clip_captions: str = "plain"  # CLIP stage: "plain" scene captions, or "located" (every object with its grid cell)
@@ -339,7 +339,7 @@ def build_vlm(recipe: Recipe, mode: str, tok, vision, lm) -> VLM:
                     halo_keys_only=recipe.halo_keys_only and not inline, latents_see_all=recipe.latents_see_all and not inline,
                     window_queries=recipe.window_queries and not inline, two_hop=recipe.two_hop and not inline,
                     cross_every=recipe.cross_every, pos2d_scale=recipe.pos2d_scale, feature_layer=recipe.feature_layer,
-                    mrope=recipe.mrope and inline, pos_lm=recipe.pos_lm and inline,
+                    mrope=recipe.mrope and inline, pos_lm=recipe.pos_lm and (inline or recipe.resampler_grid),
                     ground_layer=recipe.ground_layer if grounded(recipe, mode) else None,
                     image_first=recipe.image_first and not inline, pointer="answer" if inline else recipe.pointer)
     return VLM(cfg, vision=copy.deepcopy(vision), lm=copy.deepcopy(lm))
@@ -383,6 +383,17 @@ def clip_train_config(recipe: Recipe, **more):
                            **{"log_every": 100, **more})
 
 
+def vit_from_file(path: str | os.PathLike, recipe: Recipe):
+    """The recipe's ViT with the weights of a safetensors file (one clip_vit saved), in fp32."""
+    from safetensors.torch import load_file
+
+    from omnigpt.model.vision import ViT, VisionConfig
+
+    vit = ViT(VisionConfig(image_size=recipe.image_size, pool="mean", **recipe.vision))
+    vit.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    return vit
+
+
 def clip_vit(recipe: Recipe, tok, pool, device: torch.device, log=print, cache_dir: str | os.PathLike | None = None,
              metrics_path: str | None = None):
     """(the recipe's CLIP-trained ViT, train_clip's result). With cache_dir: the ViT of the same CLIP settings from
@@ -391,9 +402,7 @@ def clip_vit(recipe: Recipe, tok, pool, device: torch.device, log=print, cache_d
     fine-tunes it in fp32 from there. Several runs that share it start from the same encoder."""
     import hashlib
 
-    from safetensors.torch import load_file, save_file
-
-    from omnigpt.model.vision import ViT, VisionConfig
+    from safetensors.torch import save_file
 
     if cache_dir is None:
         return pretrain_clip(recipe, tok, pool, device, log, metrics_path=metrics_path)
@@ -405,8 +414,7 @@ def clip_vit(recipe: Recipe, tok, pool, device: torch.device, log=print, cache_d
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
     path, info = Path(cache_dir) / f"vit_{key}.safetensors", Path(cache_dir) / f"vit_{key}.json"
     if path.exists() and info.exists():
-        vit = ViT(VisionConfig(image_size=recipe.image_size, pool="mean", **recipe.vision))
-        vit.load_state_dict(load_file(str(path)))
+        vit = vit_from_file(path, recipe)
         res = json.loads(info.read_text())["clip"]
         log(f"CLIP-trained ViT from {path} (retrieval top-1 {res['retrieval_top1']:.2f}, {res['seconds']:.0f}s to train)")
         return vit.to(device), {**res, "from": str(path)}
