@@ -35,7 +35,8 @@ grid cell marked as showing the question's first named object, its second, or ne
 
 Where an image token is (inline, mlp connector: the L tokens are a gh x gw grid in reading order):
 - pos2d (default on): a fixed 2-D sin-cos (row, column) embedding added to the patch features before the connector;
-- pos_lm (off): learned row and column embeddings added to the connector's output, in the LM's width;
+- pos_lm (off): learned row and column embeddings added to the connector's output, in the LM's width (also for
+  the latents of a grid resampler, where each latent is a place);
 - mrope (off): M-RoPE (Qwen2-VL) in the LM: image tokens rotate by (temporal, row, column) positions, text by
   (p, p, p), i.e. exactly 1-D RoPE (`mrope_positions`). Applied through forward pre-hooks that swap the layers'
   cos/sin while `VLM.rotary` is active (VLM.forward, and the prefill of generate_vlm; decode steps are text).
