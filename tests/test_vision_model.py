@@ -657,8 +657,8 @@ def test_pointer_rows_say_whether_the_heads_find_the_named_object_and_how_much_t
 
     # on held-out questions: hit and mass per look and question type, and the answers right after hits and misses
     vlm = make_vlm(tok, "cross", n_layers=3, resampler_grid=True, resampler_halo=1, two_hop=True, ground_layer=0)
-    res = eval_pointer(vlm, tok, (2,), per_type=6, types=("color", "position"), log=lambda *_: None)
-    assert set(res[2]) == {"color", "position"}
+    res = eval_pointer(vlm, tok, (2,), per_type=6, log=lambda *_: None)  # colour, position and "where" by default
+    assert set(res[2]) == {"color", "position", "where"}
     for r in res[2].values():
         assert len(r["hit"]) == len(r["mass"]) == 2 and all(0 <= x <= 1 for x in r["hit"] + r["mass"] + [r["right"], r["missed"]])
         parts = [(x, w) for x, w in ((r["right_if_hit"], 1 - r["missed"]), (r["right_if_missed"], r["missed"])) if x is not None]
@@ -666,3 +666,22 @@ def test_pointer_rows_say_whether_the_heads_find_the_named_object_and_how_much_t
         assert pointer_line(r).startswith("hit ")
     with pytest.raises(ValueError, match="grounded block"):
         eval_pointer(make_vlm(tok, "cross"), tok, (2,), per_type=1, log=lambda *_: None)
+
+
+def test_vqa_scoring_keeps_wrong_answers_from_every_cell(tok):
+    from omnigpt.evals.vqa import score_vqa, vqa_summary
+
+    # every answer wrong: each (N, type) cell keeps its first k misses, not only the first cells
+    res = score_vqa(lambda samples: ["no idea"] * len(samples), tok, 1, VC.image_size, (1, 2), 6,
+                    ("color", "count"), log=lambda *_: None, wrong_per_cell=2)
+    cells = {(e["n"], e["type"]) for e in res["examples"]}
+    assert cells == {(1, "color"), (1, "count"), (2, "color"), (2, "count")}
+    assert all(sum((e["n"], e["type"]) == c for e in res["examples"]) == 2 for c in cells)
+    assert all(a == 0.0 for row in res["by_n"].values() for a in row.values())
+    # right answers are not examples
+    right = score_vqa(lambda samples: [s.answer for s in samples], tok, 1, VC.image_size, (2,), 6, ("color",),
+                      log=lambda *_: None)
+    assert right["examples"] == [] and right["by_n"][2]["color"] == 1.0
+    many = score_vqa(lambda samples: ["no idea"] * len(samples), tok, 1, VC.image_size, (1, 2), 6, ("color", "count"),
+                     log=lambda *_: None, wrong_per_cell=6)
+    assert len(many["examples"]) == 24 and len(vqa_summary(many)["examples"]) == 20  # the report card keeps 20

@@ -103,13 +103,13 @@ def answer_samples(vlm: VLM, tok, samples: list[Sample], batch_size: int = 64) -
 
 def eval_vqa(vlm: VLM, tok, n_values=(1, 2, 4, 8, 12, 16), per_type: int = 50, types=EVAL_TYPES,
              batch_size: int = 64, seed: int = 0, log=print) -> dict:
-    """{"by_n": {N: {type: accuracy}}, "examples": [...a few wrong answers...]}."""
+    """{"by_n": {N: {type: accuracy}}, "examples": [...a few wrong answers of each (N, type)...]}."""
     return score_vqa(lambda samples: answer_samples(vlm, tok, samples, batch_size), tok, vlm.cfg.image_tokens,
                      vlm.cfg.vision.image_size, n_values, per_type, types, seed, log, question_first=not vlm.cfg.image_first)
 
 
 @torch.no_grad()
-def eval_pointer(vlm: VLM, tok, n_values, per_type: int = 50, types=("color", "position"), batch_size: int = 64,
+def eval_pointer(vlm: VLM, tok, n_values, per_type: int = 50, types=("color", "position", "where"), batch_size: int = 64,
                  seed: int = 0, log=print) -> dict:
     """Cross fusion with a grounded block (VLMConfig.ground_layer): what each look's pointer heads find
     (VLM.pointer_report), by N and question type, on the same held-out questions as eval_vqa with their answers
@@ -162,9 +162,11 @@ def pointer_line(r: dict) -> str:
 
 
 def score_vqa(answer, tok, image_tokens: int, image_size: int, n_values, per_type: int, types=EVAL_TYPES,
-              seed: int = 0, log=print, question_first: bool = True) -> dict:
-    """The held-out questions for each N, answered by `answer(samples) -> texts`, scored by exact match."""
-    by_n, wrong = {}, []
+              seed: int = 0, log=print, question_first: bool = True, wrong_per_cell: int = 5) -> dict:
+    """The held-out questions for each N, answered by `answer(samples) -> texts`, scored by exact match. "examples"
+    keeps the first `wrong_per_cell` wrong answers of each (N, type): enough to see whether a cell's misses lean
+    one way (e.g. a column read one to the right), as the first 20 overall, all from the first cells, were not."""
+    by_n, wrong, kept = {}, [], {}
     for n in n_values:
         samples = eval_samples(tok, image_tokens, n, per_type, image_size, types, seed, question_first)
         answers = answer(samples)
@@ -173,7 +175,8 @@ def score_vqa(answer, tok, image_tokens: int, image_size: int, n_values, per_typ
             t = s.kind.removeprefix("qa:")
             ok = final_answer(s.kind, a) == final_answer(s.kind, s.answer)
             scores.setdefault(t, []).append(int(ok))
-            if not ok and len(wrong) < 20:
+            if not ok and kept.get((n, t), 0) < wrong_per_cell:
+                kept[(n, t)] = kept.get((n, t), 0) + 1
                 wrong.append({"n": n, "type": t, "prompt": user_text(tok, s), "answer": s.answer, "got": a})
         by_n[n] = {t: sum(v) / len(v) for t, v in scores.items()}
         log(f"[eval] N={n}: " + "  ".join(f"{t} {100 * a:.1f}" for t, a in by_n[n].items()))
@@ -221,7 +224,7 @@ def vqa_summary(res: dict) -> dict:
     out = {"acc": sum(cells) / len(cells) if cells else 0.0}
     for n in (min(res["by_n"]), max(res["by_n"])):
         out.update({f"{t}@N={n}": a for t, a in res["by_n"][n].items()})
-    examples = [{**e, "expected": e["answer"]} for e in res["examples"]]  # the report card's wording
+    examples = [{**e, "expected": e["answer"]} for e in res["examples"][:20]]  # the report card's wording
     return {**out, **res, "examples": examples}
 
 
