@@ -569,6 +569,24 @@ def test_learned_latent_positions_in_both_views_of_two_hop(tok):
     assert torch.allclose(delta, torch.cat([place, place]), atol=1e-6)  # wide latents, then narrow: the same places
 
 
+def test_latent_places_in_the_values_only(tok):
+    """pos_lm_keys=False: a latent's learned place changes what cross-attention reads from it, never where it looks."""
+    vlm = make_vlm(tok, "cross", n_layers=3, resampler_grid=True, resampler_halo=1, two_hop=True, pos_lm=True,
+                   pos_lm_keys=False)
+    pixels = normalize(qa_batch(tok, vlm.cfg.image_tokens, 1)[1].images, VC)
+    block = vlm.xattn["1"]
+    x = torch.randn(pixels.shape[0], 5, vlm.cfg.text.d_model)
+    with torch.no_grad():
+        _, k0, v0 = block.attn.heads(x, vlm.encode_images(pixels))
+        vlm.pos_rows.normal_()
+        vlm.pos_cols.normal_()
+        _, k1, v1 = block.attn.heads(x, vlm.encode_images(pixels))
+    assert torch.equal(k0, k1)
+    assert (v1 - v0).abs().mean() > 0.1
+    with pytest.raises(ValueError, match="pos_lm_keys"):
+        make_vlm(tok, "cross", n_layers=3, resampler_grid=True, pos_lm_keys=False)  # no place to keep out of the keys
+
+
 # ---- learning -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fusion", ["inline", "cross"])
 def test_tiny_vlm_learns_scene_questions(tok, fusion):

@@ -36,7 +36,9 @@ grid cell marked as showing the question's first named object, its second, or ne
 Where an image token is (inline, mlp connector: the L tokens are a gh x gw grid in reading order):
 - pos2d (default on): a fixed 2-D sin-cos (row, column) embedding added to the patch features before the connector;
 - pos_lm (off): learned row and column embeddings added to the connector's output, in the LM's width (also for
-  the latents of a grid resampler, where each latent is a place);
+  the latents of a grid resampler, where each latent is a place); with cross fusion and pos_lm_keys=False only the
+  values of the cross-attention read it, so the pointer heads must find an object by what it is, not by where
+  objects usually are (the latents then carry two channel views, [content | content + place], as split_kv reads);
 - mrope (off): M-RoPE (Qwen2-VL) in the LM: image tokens rotate by (temporal, row, column) positions, text by
   (p, p, p), i.e. exactly 1-D RoPE (`mrope_positions`). Applied through forward pre-hooks that swap the layers'
   cos/sin while `VLM.rotary` is active (VLM.forward, and the prefill of generate_vlm; decode steps are text).
@@ -88,6 +90,7 @@ class VLMConfig:
     pos2d_scale: float = 1.0  # pos2d: the sin-cos embedding is multiplied by this (1: as before)
     pos_lm: bool = False  # add a learned (row, column) embedding in the LM's width after the connector (inline mlp,
     # or a grid resampler: each latent's place, for both views of two_hop)
+    pos_lm_keys: bool = True  # cross, pos_lm: the cross-attention keys see the place too (False: the values only)
     mrope: bool = False  # inline mlp: image tokens get 2-D rotary positions in the LM (M-RoPE; see mrope_positions)
     ground_layer: int | None = None  # grounding loss on this LM layer's output (None: none); needs image tokens on a grid
     pointer: str = "answer"  # cross grounding: heads point at the named objects from the answer, the "mention"s, or "both"
@@ -114,6 +117,9 @@ class VLMConfig:
             raise ValueError("invalid VLMConfig: mrope needs image tokens on a grid in the text (inline fusion, mlp connector)")
         if self.pos_lm and self.uses_resampler and not self.resampler_grid:
             raise ValueError("invalid VLMConfig: pos_lm needs image vectors on a grid (inline mlp connector, or resampler_grid)")
+        if not self.pos_lm_keys and not (self.pos_lm and self.fusion == "cross" and not self.halo_keys_only):
+            raise ValueError("invalid VLMConfig: pos_lm_keys=False needs pos_lm with cross fusion, and not halo_keys_only "
+                             "(which already splits the keys' and the values' views)")
         if self.resampler_grid and self.uses_resampler:
             g = math.isqrt(self.n_latents)
             if g * g != self.n_latents or self.vision.grid % g:
@@ -559,7 +565,8 @@ class VLM(nn.Module):
                                        see_all=cfg.latents_see_all, window_queries=cfg.window_queries)
         else:
             self.connector = MLPConnector(V * cfg.pixel_shuffle ** 2, D)
-        self.xattn = nn.ModuleDict({str(i): GatedCrossBlock(cfg.text, cfg.text.n_heads, cfg.qk_norm, cfg.halo_keys_only)
+        split_kv = cfg.halo_keys_only or not cfg.pos_lm_keys
+        self.xattn = nn.ModuleDict({str(i): GatedCrossBlock(cfg.text, cfg.text.n_heads, cfg.qk_norm, split_kv)
                                     for i in cfg.cross_layers()})
         self._media = {"now": None}  # what the cross-attention blocks see during the current LM call
         for i in cfg.cross_layers():
@@ -616,7 +623,8 @@ class VLM(nn.Module):
             out = torch.cat(out.chunk(2, dim=-1), dim=1)
         if self.cfg.pos_lm:  # a grid latent's place, explicitly: the values cross-attention reads then say where it is
             pos = (self.pos_rows[:, None] + self.pos_cols[None, :]).flatten(0, 1)
-            out = out + (pos.repeat(2, 1) if self.cfg.two_hop else pos).to(out.dtype)
+            placed = out + (pos.repeat(2, 1) if self.cfg.two_hop else pos).to(out.dtype)
+            out = placed if self.cfg.pos_lm_keys else torch.cat([out, placed], dim=-1)  # keys read out, values placed
         return out
 
     def forward(self, ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
