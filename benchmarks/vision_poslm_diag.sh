@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# Arms of run 24's recipe (two_hop, dense-shape CLIP) from its cached ViT, side by side on one GPU (runs 26+ in
+# Arms of run 24's recipe (two_hop, dense-shape CLIP), side by side on one GPU from one CLIP-trained ViT (runs 26+ in
 # RESULTS.md). Each arm is a name and its recipe overrides, e.g.
 #   bash benchmarks/vision_poslm_diag.sh 400 100 "B:pos_lm=true" "C:pos_lm=true pos_lm_keys=false"
-# (joint seconds, questions per cell, arms) -> $OUT/<name>.log and <name>_summary.json
+# (joint seconds, questions per cell, arms) -> $OUT/<name>.log, <name>_summary.json, <name>_metrics.jsonl.
+# The ViT comes from runs/vit_cache (carry it); without one there, the CLIP stage runs first (~90 s) and its ViT is
+# copied to $OUT/vit_cache, to carry into the next call.
 set -u
 J=$1; P=$2; shift 2
 C="budget_joint_s=$J per_type=$P workers=5 pool_scenes=40000 resampler_halo=1 two_hop=true window_queries=true ground_weight=1.0 clip_dense_shape=1.0"
+mkdir -p runs/vit_cache && chmod -R u+rw runs/vit_cache
+if ! ls runs/vit_cache/vit_*.safetensors > /dev/null 2>&1; then
+  env PYTHONPATH=. python3 benchmarks/vision_shapebind.py --modes "" --out /tmp/arm_clip --set $C workers=14 \
+    --vit-cache runs/vit_cache > $OUT/clip.log 2>&1
+  tail -2 $OUT/clip.log; mkdir -p $OUT/vit_cache && cp runs/vit_cache/* $OUT/vit_cache/
+fi
 for arm in "$@"; do
   name=${arm%%:*}; sets=${arm#*:}
-  timeout $((J + 160)) env PYTHONPATH=. python3 benchmarks/vision_shapebind.py --modes cross --out /tmp/arm_$name \
+  timeout $((J + 180)) env PYTHONPATH=. python3 benchmarks/vision_shapebind.py --modes cross --out /tmp/arm_$name \
     --set $C $sets --vit-cache runs/vit_cache > $OUT/$name.log 2>&1 &
 done
 wait

@@ -49,7 +49,7 @@ from omnigpt.train.vlm import Recipe, quick_recipe, run_recipe  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes for a CPU end-to-end check")
-    ap.add_argument("--modes", default="inline,cross")
+    ap.add_argument("--modes", default="inline,cross", help='fusion modes to train ("": only the CLIP stage, e.g. to fill --vit-cache)')
     ap.add_argument("--out", default="runs/vision_shapebind")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -70,7 +70,11 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     log(f"device {device} ({gpu}), torch {torch.__version__}; recipe {json.dumps(recipe.__dict__)}")
 
-    s = run_recipe(recipe, args.modes.split(","), args.out, device, log=log, vit_cache=args.vit_cache)
+    modes = [m for m in args.modes.split(",") if m]
+    s = run_recipe(recipe, modes, args.out, device, log=log, vit_cache=args.vit_cache)
+    if not modes:
+        print(f"CLIP stage only: {json.dumps({k: v for k, v in s['clip'].items() if not isinstance(v, (list, dict))})}")
+        return 0
 
     r = s["recipe"]
     compute = (f"{r['budget_align_s']:.0f}s align + {r['budget_joint_s']:.0f}s joint each" if r["budget_joint_s"]

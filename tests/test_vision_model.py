@@ -587,6 +587,23 @@ def test_latent_places_in_the_values_only(tok):
         make_vlm(tok, "cross", n_layers=3, resampler_grid=True, pos_lm_keys=False)  # no place to keep out of the keys
 
 
+def test_fixed_latent_places(tok):
+    """pos_lm_fixed: each latent's place is the fixed sin-cos of its grid cell (nothing to train), in the values only
+    with pos_lm_keys=False; the config without pos_lm is refused."""
+    from omnigpt.model.multimodal import sincos_2d
+
+    vlm = make_vlm(tok, "cross", n_layers=3, resampler_grid=True, resampler_halo=1, two_hop=True, pos_lm=True,
+                   pos_lm_keys=False, pos_lm_fixed=True)
+    assert not hasattr(vlm, "pos_rows") and "pos_fixed" not in vlm.state_dict()  # rebuilt from the config on load
+    g, D = vlm.cfg.ground_grid, vlm.cfg.text.d_model
+    pixels = normalize(qa_batch(tok, vlm.cfg.image_tokens, 1)[1].images, VC)
+    with torch.no_grad():
+        content, placed = vlm.encode_images(pixels).chunk(2, dim=-1)
+    assert torch.allclose(placed - content, sincos_2d(g, g, D).repeat(2, 1).expand_as(content), atol=1e-5)
+    with pytest.raises(ValueError, match="pos_lm_fixed"):
+        make_vlm(tok, "cross", n_layers=3, resampler_grid=True, pos_lm_fixed=True)
+
+
 # ---- learning -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fusion", ["inline", "cross"])
 def test_tiny_vlm_learns_scene_questions(tok, fusion):
