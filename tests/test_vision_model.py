@@ -604,6 +604,24 @@ def test_fixed_latent_places(tok):
         make_vlm(tok, "cross", n_layers=3, resampler_grid=True, pos_lm_fixed=True)
 
 
+def test_latent_places_in_their_own_channels(tok):
+    """pos_lm_dims=P: the place takes the last P channels of each latent's value view; the others keep the content."""
+    from omnigpt.model.multimodal import sincos_2d
+
+    P = 16
+    vlm = make_vlm(tok, "cross", n_layers=3, resampler_grid=True, resampler_halo=1, two_hop=True, pos_lm=True,
+                   pos_lm_keys=False, pos_lm_fixed=True, pos_lm_dims=P)
+    g = vlm.cfg.ground_grid
+    pixels = normalize(qa_batch(tok, vlm.cfg.image_tokens, 1)[1].images, VC)
+    with torch.no_grad():
+        content, placed = vlm.encode_images(pixels).chunk(2, dim=-1)
+    assert torch.equal(placed[..., :-P], content[..., :-P])
+    assert torch.allclose(placed[..., -P:], sincos_2d(g, g, P).repeat(2, 1).expand(content.shape[0], -1, -1))
+    for bad in (dict(pos_lm_dims=P), dict(pos_lm=True, pos_lm_dims=6)):
+        with pytest.raises(ValueError, match="pos_lm_dims"):
+            make_vlm(tok, "cross", n_layers=3, resampler_grid=True, **bad)
+
+
 # ---- learning -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fusion", ["inline", "cross"])
 def test_tiny_vlm_learns_scene_questions(tok, fusion):

@@ -40,6 +40,7 @@ Where an image token is (inline, mlp connector: the L tokens are a gh x gw grid 
   values of the cross-attention read it, so the pointer heads must find an object by what it is, not by where
   objects usually are (the latents then carry two channel views, [content | content + place], as split_kv reads);
   pos_lm_fixed makes the places a fixed sin-cos (sincos_2d in the LM's width) instead of trained parameters;
+  pos_lm_dims=P writes the place into the last P channels (dropping the content there) instead of adding it to all;
 - mrope (off): M-RoPE (Qwen2-VL) in the LM: image tokens rotate by (temporal, row, column) positions, text by
   (p, p, p), i.e. exactly 1-D RoPE (`mrope_positions`). Applied through forward pre-hooks that swap the layers'
   cos/sin while `VLM.rotary` is active (VLM.forward, and the prefill of generate_vlm; decode steps are text).
@@ -93,6 +94,7 @@ class VLMConfig:
     # or a grid resampler: each latent's place, for both views of two_hop)
     pos_lm_keys: bool = True  # cross, pos_lm: the cross-attention keys see the place too (False: the values only)
     pos_lm_fixed: bool = False  # pos_lm: the place is a fixed 2-D sin-cos in the LM's width (sincos_2d), not learned
+    pos_lm_dims: int = 0  # pos_lm: the place replaces the last this-many channels (0: added to all of them)
     mrope: bool = False  # inline mlp: image tokens get 2-D rotary positions in the LM (M-RoPE; see mrope_positions)
     ground_layer: int | None = None  # grounding loss on this LM layer's output (None: none); needs image tokens on a grid
     pointer: str = "answer"  # cross grounding: heads point at the named objects from the answer, the "mention"s, or "both"
@@ -119,6 +121,9 @@ class VLMConfig:
             raise ValueError("invalid VLMConfig: mrope needs image tokens on a grid in the text (inline fusion, mlp connector)")
         if self.pos_lm_fixed and not self.pos_lm:
             raise ValueError("invalid VLMConfig: pos_lm_fixed=True needs pos_lm=True (it says how pos_lm's places are made)")
+        if self.pos_lm_dims and not (self.pos_lm and 4 <= self.pos_lm_dims < self.text.d_model and self.pos_lm_dims % 4 == 0):
+            raise ValueError(f"invalid VLMConfig: pos_lm_dims={self.pos_lm_dims} needs pos_lm=True and a multiple of 4 "
+                             f"below the LM's width {self.text.d_model}")
         if self.pos_lm and self.uses_resampler and not self.resampler_grid:
             raise ValueError("invalid VLMConfig: pos_lm needs image vectors on a grid (inline mlp connector, or resampler_grid)")
         if not self.pos_lm_keys and not (self.pos_lm and self.fusion == "cross" and not self.halo_keys_only):
@@ -575,11 +580,12 @@ class VLM(nn.Module):
         self._media = {"now": None}  # what the cross-attention blocks see during the current LM call
         for i in cfg.cross_layers():
             self.lm.layers[i].register_forward_pre_hook(CrossHook(self.xattn[str(i)], self._media))
+        P = cfg.pos_lm_dims or D  # the channels a place takes
         if cfg.pos_lm and cfg.pos_lm_fixed:  # the places of the image tokens (or grid latents), fixed, in the LM's width
-            self.register_buffer("pos_fixed", sincos_2d(cfg.ground_grid, cfg.ground_grid, D), persistent=False)
+            self.register_buffer("pos_fixed", sincos_2d(cfg.ground_grid, cfg.ground_grid, P), persistent=False)
         elif cfg.pos_lm:  # learned row and column embeddings of the image tokens (or grid latents), in the LM's width
             gh = gw = cfg.ground_grid
-            self.pos_rows, self.pos_cols = nn.Parameter(torch.zeros(gh, D)), nn.Parameter(torch.zeros(gw, D))
+            self.pos_rows, self.pos_cols = nn.Parameter(torch.zeros(gh, P)), nn.Parameter(torch.zeros(gw, P))
         self._ground: dict = {}  # what the grounding loss reads during the current call
         if cfg.ground_layer is not None and cfg.fusion == "inline":
             self.ground_head = nn.Linear(D, 3)  # neither / first / second object the question names
@@ -629,7 +635,9 @@ class VLM(nn.Module):
             out = torch.cat(out.chunk(2, dim=-1), dim=1)
         if self.cfg.pos_lm:  # a grid latent's place, explicitly: the values cross-attention reads then say where it is
             pos = self.pos_fixed if self.cfg.pos_lm_fixed else (self.pos_rows[:, None] + self.pos_cols[None, :]).flatten(0, 1)
-            placed = out + (pos.repeat(2, 1) if self.cfg.two_hop else pos).to(out.dtype)
+            pos = (pos.repeat(2, 1) if self.cfg.two_hop else pos).to(out.dtype)
+            P = self.cfg.pos_lm_dims
+            placed = torch.cat([out[..., :-P], pos.expand(out.shape[0], -1, -1)], dim=-1) if P else out + pos
             out = placed if self.cfg.pos_lm_keys else torch.cat([out, placed], dim=-1)  # keys read out, values placed
         return out
 

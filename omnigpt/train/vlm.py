@@ -298,6 +298,7 @@ class Recipe:
     pos_lm: bool = False  # a learned (row, column) embedding added after the connector (VLMConfig.pos_lm; cross: with resampler_grid)
     pos_lm_keys: bool = True  # cross, pos_lm: False puts the place in the cross-attention values only (VLMConfig.pos_lm_keys)
     pos_lm_fixed: bool = False  # pos_lm: fixed sin-cos places instead of learned ones (VLMConfig.pos_lm_fixed)
+    pos_lm_dims: int = 0  # pos_lm: the place replaces the last this-many channels (VLMConfig.pos_lm_dims; 0: added)
     pos2d_scale: float = 1.0  # the 2-D sin-cos embedding added before the connector, times this
     feature_layer: int = -1  # ViT block the connector reads (-2: the penultimate, as LLaVA; see vision_token_locality.py)
     clip_captions: str = "plain"  # CLIP stage: "plain" scene captions, or "located" (every object with its grid cell)
@@ -343,6 +344,7 @@ def build_vlm(recipe: Recipe, mode: str, tok, vision, lm) -> VLM:
                     cross_every=recipe.cross_every, pos2d_scale=recipe.pos2d_scale, feature_layer=recipe.feature_layer,
                     mrope=recipe.mrope and inline, pos_lm=recipe.pos_lm and (inline or recipe.resampler_grid),
                     pos_lm_keys=recipe.pos_lm_keys or inline, pos_lm_fixed=recipe.pos_lm_fixed and recipe.pos_lm,
+                    pos_lm_dims=recipe.pos_lm_dims if recipe.pos_lm else 0,
                     ground_layer=recipe.ground_layer if grounded(recipe, mode) else None,
                     image_first=recipe.image_first and not inline, pointer="answer" if inline else recipe.pointer)
     return VLM(cfg, vision=copy.deepcopy(vision), lm=copy.deepcopy(lm))
