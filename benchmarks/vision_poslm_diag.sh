@@ -2,28 +2,29 @@
 # Arms of run 24's recipe (two_hop, dense-shape CLIP), side by side on one GPU from one CLIP-trained ViT (runs 26+ in
 # RESULTS.md). Each arm is a name and its recipe overrides, e.g.
 #   bash benchmarks/vision_poslm_diag.sh 400 100 "B:pos_lm=true" "C:pos_lm=true pos_lm_keys=false"
-# (joint seconds, questions per cell, arms) -> $OUT/<name>.log, <name>_summary.json, <name>_metrics.jsonl.
+# (joint seconds, questions per cell, arms) -> $OUT/arms.tgz: <name>.log, <name>_summary.json, <name>_metrics.jsonl.
 # The ViT comes from runs/vit_cache (carry it); without one there, the CLIP stage runs first (~90 s) and its ViT is
-# copied to $OUT/vit_cache, to carry into the next call.
+# copied to $OUT/vit_cache, to carry into the next call. (One archive: the device brings back only a few files.)
 set -u
 J=$1; P=$2; shift 2
 C="budget_joint_s=$J per_type=$P workers=5 pool_scenes=40000 resampler_halo=1 two_hop=true window_queries=true ground_weight=1.0 clip_dense_shape=1.0"
-mkdir -p runs/vit_cache && chmod -R u+rw runs/vit_cache
+A=/tmp/arms; mkdir -p $A runs/vit_cache && chmod -R u+rw runs/vit_cache
 if ! ls runs/vit_cache/vit_*.safetensors > /dev/null 2>&1; then
   env PYTHONPATH=. python3 benchmarks/vision_shapebind.py --modes "" --out /tmp/arm_clip --set $C workers=14 \
-    --vit-cache runs/vit_cache > $OUT/clip.log 2>&1
-  tail -2 $OUT/clip.log; mkdir -p $OUT/vit_cache && cp runs/vit_cache/* $OUT/vit_cache/
+    --vit-cache runs/vit_cache > $A/clip.log 2>&1
+  tail -2 $A/clip.log; mkdir -p $OUT/vit_cache && cp runs/vit_cache/* $OUT/vit_cache/
 fi
 for arm in "$@"; do
   name=${arm%%:*}; sets=${arm#*:}
   timeout $((J + 180)) env PYTHONPATH=. python3 benchmarks/vision_shapebind.py --modes cross --out /tmp/arm_$name \
-    --set $C $sets --vit-cache runs/vit_cache > $OUT/$name.log 2>&1 &
+    --set $C $sets --vit-cache runs/vit_cache > $A/$name.log 2>&1 &
 done
 wait
 for arm in "$@"; do
   name=${arm%%:*}
-  cp /tmp/arm_$name/summary.json $OUT/${name}_summary.json 2>/dev/null
-  cp /tmp/arm_$name/cross_metrics.jsonl $OUT/${name}_metrics.jsonl 2>/dev/null
-  echo "== $arm"; grep -E "joint\] step|scene pool|ViT from" $OUT/$name.log | cut -c1-160
-  grep -A 40 "held-out accuracy" $OUT/$name.log | cut -c1-170
+  cp /tmp/arm_$name/summary.json $A/${name}_summary.json 2>/dev/null
+  cp /tmp/arm_$name/cross_metrics.jsonl $A/${name}_metrics.jsonl 2>/dev/null
+  echo "== $arm"; grep -E "joint\] step|scene pool|ViT from" $A/$name.log | cut -c1-160
+  grep -A 40 "held-out accuracy" $A/$name.log | cut -c1-170
 done
+tar czf $OUT/arms.tgz -C $A .

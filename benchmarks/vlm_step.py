@@ -68,7 +68,7 @@ def _time_steps(vlm, model, batches_, stage, *, steps, sync_each_step, warmup_ro
 
     def step(batch):
         with autocast:
-            loss, _ = forward_loss(model, batch, vlm.cfg.vision, stage.ground_weight)
+            loss, _, _ = forward_loss(model, batch, vlm.cfg.vision, stage.ground_weight)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         if sync_each_step:

@@ -254,6 +254,9 @@ def test_mention_pointer_grounds_the_question_words_when_the_image_comes_first(t
                 metrics_path=str(tmp_path / "m.jsonl"))
     rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert rows and all(0 < r["ground_loss"] < 1e3 for r in rows)
+    # the answer loss by question type: here all colour questions, so it is the whole loss less the pointer's
+    assert all(set(r["loss_by_kind"]) == {"qa:color"} for r in rows)
+    assert all(abs(r["loss"] - r["ground_loss"] - r["loss_by_kind"]["qa:color"]) < 1e-4 * r["loss"] for r in rows)
 
 
 def test_two_hop_points_at_the_object_on_the_wide_view_then_on_the_narrow_one(tok):
@@ -738,3 +741,11 @@ def test_vqa_scoring_keeps_wrong_answers_from_every_cell(tok):
     many = score_vqa(lambda samples: ["no idea"] * len(samples), tok, 1, VC.image_size, (1, 2), 6, ("color", "count"),
                      log=lambda *_: None, wrong_per_cell=6)
     assert len(many["examples"]) == 24 and len(vqa_summary(many)["examples"]) == 20  # the report card keeps 20
+
+
+def test_loss_by_kind_averages_each_kind_and_skips_samples_without_targets():
+    from omnigpt.train.vlm import loss_by_kind
+
+    loss_B = torch.tensor([2.0, float("nan"), 1.0, 4.0, 0.5])
+    kinds = ["qa:color", "qa:color", "caption", "qa:color", "qa:where"]
+    assert loss_by_kind(loss_B, kinds) == {"caption": 1.0, "qa:color": 3.0, "qa:where": 0.5}

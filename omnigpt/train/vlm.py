@@ -116,24 +116,37 @@ def stage_optimizer(model: torch.nn.Module, lr: float, vision_lr_scale: float = 
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **(dict(fused=True) if fused else dict(foreach=True)))
 
 
-def sample_mean_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-    """Mean over samples of each sample's mean token loss."""
+def sample_losses(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    """(B,) each sample's mean token loss; NaN for a sample with nothing to learn."""
     B, T = targets_BT.shape
     loss_BT = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE, reduction="none").view(B, T)
-    n_B = (targets_BT != IGNORE).sum(1)
-    return (loss_BT.sum(1)[n_B > 0] / n_B[n_B > 0]).mean()
+    return loss_BT.sum(1) / (targets_BT != IGNORE).sum(1)
 
 
-def forward_loss(model, batch, vision_cfg, ground_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(the loss to minimise, the grounding loss in it or None): answer loss + ground_weight x grounding loss.
-    `model` may be torch.compile'd (an OptimizedModule around the VLM)."""
+def loss_by_kind(loss_B: torch.Tensor, kinds: list[str]) -> dict[str, float]:
+    """{kind: mean loss of the batch's samples of that kind} (VLBatch.kinds: "qa:color", "caption", ...): one answer
+    type the model cannot learn (e.g. colour stuck at ln 8 while the rest falls) shows here, not in the mean."""
+    sums: dict[str, list[float]] = {}
+    for kind, loss in zip(kinds, loss_B.tolist()):
+        if not math.isnan(loss):
+            sums.setdefault(kind, []).append(loss)
+    return {k: sum(v) / len(v) for k, v in sorted(sums.items())}
+
+
+def forward_loss(model, batch, vision_cfg, ground_weight: float = 0.0):
+    """(the loss to minimise, the grounding loss in it or None, each sample's answer loss (B,), detached): answer
+    loss + ground_weight x grounding loss. `model` may be torch.compile'd (an OptimizedModule around the VLM)."""
     if isinstance(getattr(model, "_orig_mod", model), VLM):
         pixels = normalize(batch.images, vision_cfg) if len(batch.images) else None
         ground = batch.ground if ground_weight > 0 else None
         out = model(batch.inputs, None, pixels, ground=ground)
-        loss = sample_mean_loss(out.logits, batch.targets)
-        return (loss, None) if ground is None else (loss + ground_weight * out.ground_loss, out.ground_loss)
-    return sample_mean_loss(model(batch.inputs).logits, batch.targets), None
+    else:
+        out, ground = model(batch.inputs), None
+    loss_B = sample_losses(out.logits, batch.targets)
+    loss = loss_B[~loss_B.isnan()].mean()
+    if ground is not None:
+        return loss + ground_weight * out.ground_loss, out.ground_loss, loss_B.detach()
+    return loss, None, loss_B.detach()
 
 
 @contextlib.contextmanager
@@ -196,15 +209,15 @@ def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, 
 
     def forward_backward(batch):
         with autocast:
-            loss, ground_loss = forward_loss(model, batch, vision_cfg, stage.ground_weight)
+            loss, ground_loss, loss_B = forward_loss(model, batch, vision_cfg, stage.ground_weight)
         loss.backward()
-        return loss, ground_loss
+        return loss, ground_loss, loss_B
 
     while not clock.done(step):
         set_lr(opt, lr_at(step, clock.progress(step), warmup))
         batch = next(it).to(device)
         try:
-            loss, ground_loss = forward_backward(batch)
+            loss, ground_loss, loss_B = forward_backward(batch)
         except Exception as e:  # noqa: BLE001 - only a compiler's failure is retried, eagerly
             if not compile or not is_compile_error(e):
                 raise
@@ -212,7 +225,7 @@ def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, 
             compiled.close()
             compile = False
             opt.zero_grad(set_to_none=True)  # a backward that failed halfway may have left some gradients
-            loss, ground_loss = forward_backward(batch)
+            loss, ground_loss, loss_B = forward_backward(batch)
         gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         if math.isfinite(float(gnorm)):  # a bf16 overflow skips one step instead of poisoning the weights
             opt.step()
@@ -235,9 +248,12 @@ def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, 
                    "lr": opt.param_groups[0]["lr"], "seconds": clock.elapsed(), "skipped": skipped}
             if ground_loss is not None:
                 rec["ground_loss"] = ground_loss.item()
+            rec["loss_by_kind"] = loss_by_kind(loss_B, batch.kinds) if batch.kinds else {}
+            qa = {k[3:]: v for k, v in rec["loss_by_kind"].items() if k.startswith("qa:")}
             log(f"[{stage.name}] step {step} loss {rec['loss']:.4f}"
                 + (f" (grounding {rec['ground_loss']:.4f})" if ground_loss is not None else "")
-                + f" gnorm {rec['grad_norm']:.2f} lr {rec['lr']:.2e} {rec['seconds']:.0f}s ({step / rec['seconds']:.1f} steps/s)")
+                + f" gnorm {rec['grad_norm']:.2f} lr {rec['lr']:.2e} {rec['seconds']:.0f}s ({step / rec['seconds']:.1f} steps/s)"
+                + (" | " + " ".join(f"{k} {v:.2f}" for k, v in qa.items()) if qa else ""))
             if metrics:
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
