@@ -7,7 +7,8 @@
 # held-out top-1 is below 0.99) and its ViT is copied to $OUT/vit_cache, to carry into the next call. (One archive: the device brings back only a few files.)
 set -u
 J=$1; P=$2; shift 2
-C="budget_joint_s=$J per_type=$P workers=5 pool_scenes=40000 resampler_halo=1 two_hop=true window_queries=true ground_weight=1.0 clip_dense_shape=1.0"
+W=$(( $# > 0 ? 15 / $# : 10 )); [ $W -gt 10 ] && W=10  # data workers per arm: the device has 16 cores
+C="budget_joint_s=$J per_type=$P workers=$W pool_scenes=40000 resampler_halo=1 two_hop=true window_queries=true ground_weight=1.0 clip_dense_shape=1.0"
 A=/tmp/arms; mkdir -p $A runs/vit_cache && chmod -R u+rw runs/vit_cache
 top1() { python3 -c "import json,glob; print(json.load(open(glob.glob('runs/vit_cache/vit_*.json')[0]))['clip']['retrieval_top1'])"; }
 # a 60 s CLIP stage sometimes stops mid-fall (run 28: top-1 0.91 against 1.00): such a ViT is trained once more
