@@ -352,15 +352,15 @@ def quick_recipe() -> Recipe:
 def build_vlm(recipe: Recipe, mode: str, tok, vision, lm) -> VLM:
     """A VLM around copies of `vision` and `lm` (so that several modes can start from the same weights)."""
     inline = mode == "inline"
+    pos_lm = recipe.pos_lm and (inline or recipe.resampler_grid)  # cross latents have places only on a grid
     cfg = VLMConfig(vision=vision.cfg, text=lm.cfg, image_id=tok.image_id, fusion=mode, connector="mlp",
                     pixel_shuffle=recipe.pixel_shuffle if inline else 1, n_latents=recipe.n_latents,
                     resampler_grid=recipe.resampler_grid and not inline, resampler_halo=recipe.resampler_halo if not inline else 0,
                     halo_keys_only=recipe.halo_keys_only and not inline, latents_see_all=recipe.latents_see_all and not inline,
                     window_queries=recipe.window_queries and not inline, two_hop=recipe.two_hop and not inline,
                     cross_every=recipe.cross_every, pos2d_scale=recipe.pos2d_scale, feature_layer=recipe.feature_layer,
-                    mrope=recipe.mrope and inline, pos_lm=recipe.pos_lm and (inline or recipe.resampler_grid),
-                    pos_lm_keys=recipe.pos_lm_keys or inline, pos_lm_fixed=recipe.pos_lm_fixed and recipe.pos_lm,
-                    pos_lm_dims=recipe.pos_lm_dims if recipe.pos_lm else 0,
+                    mrope=recipe.mrope and inline, pos_lm=pos_lm, pos_lm_keys=recipe.pos_lm_keys or inline,
+                    pos_lm_fixed=recipe.pos_lm_fixed and pos_lm, pos_lm_dims=recipe.pos_lm_dims if pos_lm else 0,
                     ground_layer=recipe.ground_layer if grounded(recipe, mode) else None,
                     image_first=recipe.image_first and not inline, pointer="answer" if inline else recipe.pointer)
     return VLM(cfg, vision=copy.deepcopy(vision), lm=copy.deepcopy(lm))
