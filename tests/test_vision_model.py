@@ -625,6 +625,47 @@ def test_latent_places_in_their_own_channels(tok):
             make_vlm(tok, "cross", n_layers=3, resampler_grid=True, **bad)
 
 
+def test_place_readout_reads_the_attended_places_and_starts_as_the_model_without(tok):
+    """place_readout: a block's output gains place_out(attention @ fixed places), with the values' own attention; at
+    init place_out is zero, so the model is exactly the one without places; it is refused where latents have no grid."""
+    from omnigpt.model.multimodal import CrossAttention, sincos_2d
+
+    torch.manual_seed(0)
+    attn = CrossAttention(8, 2, qk_norm=True, place_readout=True).double()
+    x, content, place = torch.randn(2, 3, 8).double(), torch.randn(2, 5, 8).double(), torch.randn(2, 5, 4).double()
+    ctx = torch.cat([content, place], dim=-1)
+    with torch.no_grad():
+        attn.kv.weight[8:] = 0  # values off: the output is the place readout alone
+        attn.place_out.weight.copy_(torch.eye(8, dtype=torch.float64))
+        q, k, _ = attn.heads(x, ctx)
+        probs = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)  # (B, heads, T, S), head width 4
+        expected = (probs @ place.unsqueeze(1)).transpose(1, 2).reshape(2, 3, 8)
+        torch.testing.assert_close(attn(x, ctx), expected)
+
+    kw = dict(n_layers=3, resampler_grid=True, resampler_halo=1, two_hop=True)
+    vlm, plain = make_vlm(tok, "cross", place_readout=True, **kw), make_vlm(tok, "cross", **kw)
+    assert set(vlm.state_dict()) - set(plain.state_dict()) == {f"xattn.{i}.attn.place_out.weight" for i in vlm.cfg.cross_layers()}
+    plain.load_state_dict(vlm.state_dict(), strict=False)
+    with torch.no_grad():
+        for m in (vlm, plain):
+            for block in m.xattn.values():
+                block.attn_gate.fill_(0.5)  # open the gates, or no block output reaches the LM
+    samples, batch = qa_batch(tok, vlm.cfg.image_tokens, 2)
+    pixels = normalize(batch.images, VC)
+    g, h = vlm.cfg.ground_grid, vlm.cfg.text.d_model // vlm.cfg.text.n_heads
+    with torch.no_grad():
+        torch.testing.assert_close(vlm.encode_images(pixels)[..., -h:], sincos_2d(g, g, h).repeat(2, 1).expand(len(pixels), -1, -1))
+    out = vlm(batch.inputs, batch.targets, pixels)
+    torch.testing.assert_close(out.logits, plain(batch.inputs, batch.targets, pixels).logits)
+    out.loss.backward()
+    assert all(block.attn.place_out.weight.grad.abs().sum() > 0 for block in vlm.xattn.values())  # it can learn
+    for bad in (dict(resampler_grid=False), dict(resampler_grid=True, pos_lm=True)):
+        with pytest.raises(ValueError, match="place_readout"):
+            make_vlm(tok, "cross", n_layers=3, place_readout=True, **bad)
+    with pytest.raises(ValueError, match="place_readout"):
+        make_vlm(tok, "inline", place_readout=True)
+
+
 # ---- learning -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fusion", ["inline", "cross"])
 def test_tiny_vlm_learns_scene_questions(tok, fusion):

@@ -41,6 +41,11 @@ Where an image token is (inline, mlp connector: the L tokens are a gh x gw grid 
   objects usually are (the latents then carry two channel views, [content | content + place], as split_kv reads);
   pos_lm_fixed makes the places a fixed sin-cos (sincos_2d in the LM's width) instead of trained parameters;
   pos_lm_dims=P writes the place into the last P channels (dropping the content there) instead of adding it to all;
+- place_readout (off; cross, grid latents): the latents stay as they are, and each gated cross-attention block
+  reads, besides its values, the fixed sin-cos place of the latents it attends to, with the same attention, through
+  its own projection that starts at zero. At init the model is the one without places, which learns colour; the
+  place enters only as far as training asks. (Places added to the values, pos_lm, kept colour from being learned in
+  six of seven runs: RESULTS.md, runs 25-30.)
 - mrope (off): M-RoPE (Qwen2-VL) in the LM: image tokens rotate by (temporal, row, column) positions, text by
   (p, p, p), i.e. exactly 1-D RoPE (`mrope_positions`). Applied through forward pre-hooks that swap the layers'
   cos/sin while `VLM.rotary` is active (VLM.forward, and the prefill of generate_vlm; decode steps are text).
@@ -95,6 +100,7 @@ class VLMConfig:
     pos_lm_keys: bool = True  # cross, pos_lm: the cross-attention keys see the place too (False: the values only)
     pos_lm_fixed: bool = False  # pos_lm: the place is a fixed 2-D sin-cos in the LM's width (sincos_2d), not learned
     pos_lm_dims: int = 0  # pos_lm: the place replaces the last this-many channels (0: added to all of them)
+    place_readout: bool = False  # cross, grid latents: blocks also read the attended latents' fixed places (module doc)
     mrope: bool = False  # inline mlp: image tokens get 2-D rotary positions in the LM (M-RoPE; see mrope_positions)
     ground_layer: int | None = None  # grounding loss on this LM layer's output (None: none); needs image tokens on a grid
     pointer: str = "answer"  # cross grounding: heads point at the named objects from the answer, the "mention"s, or "both"
@@ -129,6 +135,9 @@ class VLMConfig:
         if not self.pos_lm_keys and not (self.pos_lm and self.fusion == "cross" and not self.halo_keys_only):
             raise ValueError("invalid VLMConfig: pos_lm_keys=False needs pos_lm with cross fusion, and not halo_keys_only "
                              "(which already splits the keys' and the values' views)")
+        if self.place_readout and not (self.fusion == "cross" and self.resampler_grid and not self.pos_lm):
+            raise ValueError("invalid VLMConfig: place_readout needs cross fusion with grid latents (resampler_grid), "
+                             "and not pos_lm (one way of giving the latents places)")
         if self.resampler_grid and self.uses_resampler:
             g = math.isqrt(self.n_latents)
             if g * g != self.n_latents or self.vision.grid % g:
@@ -291,12 +300,18 @@ class CrossAttention(nn.Module):
     """Queries from x, keys and values from a context; multi-head, SDPA. qk_norm bounds the attention logits (a
     gated cross-attention VLM diverged without it after ~800 steps at lr 5e-4 in bf16: RESULTS.md, run 8)."""
 
-    def __init__(self, d: int, n_heads: int, d_ctx: int | None = None, qk_norm: bool = False, split_kv: bool = False):
+    def __init__(self, d: int, n_heads: int, d_ctx: int | None = None, qk_norm: bool = False, split_kv: bool = False,
+                 place_readout: bool = False):
         super().__init__()
         self.n_heads, self.split_kv = n_heads, split_kv  # split_kv: context channels are [key view | value view]
         self.q = nn.Linear(d, d, bias=False)
         self.kv = nn.Linear(d_ctx or d, 2 * d, bias=False)
         self.out = nn.Linear(d, d, bias=False)
+        # place_readout: the context's last d // n_heads channels are each item's place, read by every head with its
+        # attention and projected by place_out, which starts at zero (VLMConfig.place_readout)
+        self.place_out = nn.Linear(d, d, bias=False) if place_readout else None
+        if self.place_out is not None:
+            nn.init.zeros_(self.place_out.weight)
         self.q_norm = RMSNorm(d // n_heads) if qk_norm else None
         self.k_norm = RMSNorm(d // n_heads) if qk_norm else None
 
@@ -304,6 +319,8 @@ class CrossAttention(nn.Module):
         """Per-head queries (B, K, T, h), keys and values (B, K, S, h)."""
         B, T, D = x_BTD.shape
         K, h = self.n_heads, D // self.n_heads
+        if self.place_out is not None:
+            ctx_BSD = ctx_BSD[..., :-h]
         q = self.q(x_BTD).view(B, T, K, h)
         if self.split_kv:  # two views of the same places: keys from one, values from the other
             (w_k, w_v), (key_view, value_view) = self.kv.weight.chunk(2), ctx_BSD.chunk(2, dim=-1)
@@ -318,8 +335,12 @@ class CrossAttention(nn.Module):
         B, T, D = x_BTD.shape
         q, k, v = self.heads(x_BTD, ctx_BSD)
         mask = None if mask_BTS is None else mask_BTS.unsqueeze(-3)  # (B, T, S) or (T, S): one for all heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out(y.transpose(1, 2).reshape(B, T, D))
+        y = self.out(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, T, D))
+        if self.place_out is not None:
+            place = ctx_BSD[..., -q.shape[-1]:].to(q.dtype).unsqueeze(1).expand(-1, self.n_heads, -1, -1)
+            where = F.scaled_dot_product_attention(q, k, place, attn_mask=mask)
+            y = y + self.place_out(where.transpose(1, 2).reshape(B, T, D))
+        return y
 
 
 class ResamplerLayer(nn.Module):
@@ -395,10 +416,12 @@ class Resampler(nn.Module):
 class GatedCrossBlock(nn.Module):
     """Flamingo's GATED XATTN-DENSE: x += tanh(a) * xattn(x, media); x += tanh(b) * ffw(x); a = b = 0 at init."""
 
-    def __init__(self, cfg: ModelConfig, n_heads: int, qk_norm: bool = False, split_kv: bool = False):
+    def __init__(self, cfg: ModelConfig, n_heads: int, qk_norm: bool = False, split_kv: bool = False,
+                 place_readout: bool = False):
         super().__init__()
         d = cfg.d_model
-        self.attn_norm, self.attn = RMSNorm(d, cfg.norm_eps), CrossAttention(d, n_heads, qk_norm=qk_norm, split_kv=split_kv)
+        self.attn_norm = RMSNorm(d, cfg.norm_eps)
+        self.attn = CrossAttention(d, n_heads, qk_norm=qk_norm, split_kv=split_kv, place_readout=place_readout)
         self.mlp_norm, self.mlp = RMSNorm(d, cfg.norm_eps), SwiGLU(d, cfg.d_ff)
         self.attn_gate = nn.Parameter(torch.zeros(1))
         self.mlp_gate = nn.Parameter(torch.zeros(1))
@@ -575,14 +598,17 @@ class VLM(nn.Module):
         else:
             self.connector = MLPConnector(V * cfg.pixel_shuffle ** 2, D)
         split_kv = cfg.halo_keys_only or not cfg.pos_lm_keys
-        self.xattn = nn.ModuleDict({str(i): GatedCrossBlock(cfg.text, cfg.text.n_heads, cfg.qk_norm, split_kv)
-                                    for i in cfg.cross_layers()})
+        self.xattn = nn.ModuleDict({str(i): GatedCrossBlock(cfg.text, cfg.text.n_heads, cfg.qk_norm, split_kv,
+                                                            cfg.place_readout) for i in cfg.cross_layers()})
         self._media = {"now": None}  # what the cross-attention blocks see during the current LM call
         for i in cfg.cross_layers():
             self.lm.layers[i].register_forward_pre_hook(CrossHook(self.xattn[str(i)], self._media))
         P = cfg.pos_lm_dims or D  # the channels a place takes
         if cfg.pos_lm and cfg.pos_lm_fixed:  # the places of the image tokens (or grid latents), fixed, in the LM's width
             self.register_buffer("pos_fixed", sincos_2d(cfg.ground_grid, cfg.ground_grid, P), persistent=False)
+        elif cfg.place_readout:  # each grid latent's place, one head's width, read beside the values (CrossAttention)
+            h = D // cfg.text.n_heads
+            self.register_buffer("pos_fixed", sincos_2d(cfg.ground_grid, cfg.ground_grid, h), persistent=False)
         elif cfg.pos_lm:  # learned row and column embeddings of the image tokens (or grid latents), in the LM's width
             gh = gw = cfg.ground_grid
             self.pos_rows, self.pos_cols = nn.Parameter(torch.zeros(gh, P)), nn.Parameter(torch.zeros(gw, P))
@@ -639,6 +665,9 @@ class VLM(nn.Module):
             P = self.cfg.pos_lm_dims
             placed = torch.cat([out[..., :-P], pos.expand(out.shape[0], -1, -1)], dim=-1) if P else out + pos
             out = placed if self.cfg.pos_lm_keys else torch.cat([out, placed], dim=-1)  # keys read out, values placed
+        elif self.cfg.place_readout:  # (N, Q, D [| D]) -> (N, Q, D [| D] | h): each latent's place rides along
+            pos = (self.pos_fixed.repeat(2, 1) if self.cfg.two_hop else self.pos_fixed).to(out.dtype)
+            out = torch.cat([out, pos.expand(out.shape[0], -1, -1)], dim=-1)
         return out
 
     def forward(self, ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,

@@ -315,6 +315,7 @@ class Recipe:
     pos_lm_keys: bool = True  # cross, pos_lm: False puts the place in the cross-attention values only (VLMConfig.pos_lm_keys)
     pos_lm_fixed: bool = False  # pos_lm: fixed sin-cos places instead of learned ones (VLMConfig.pos_lm_fixed)
     pos_lm_dims: int = 0  # pos_lm: the place replaces the last this-many channels (VLMConfig.pos_lm_dims; 0: added)
+    place_readout: bool = False  # cross: blocks read the attended latents' fixed places too (VLMConfig.place_readout)
     pos2d_scale: float = 1.0  # the 2-D sin-cos embedding added before the connector, times this
     feature_layer: int = -1  # ViT block the connector reads (-2: the penultimate, as LLaVA; see vision_token_locality.py)
     clip_captions: str = "plain"  # CLIP stage: "plain" scene captions, or "located" (every object with its grid cell)
@@ -361,6 +362,7 @@ def build_vlm(recipe: Recipe, mode: str, tok, vision, lm) -> VLM:
                     cross_every=recipe.cross_every, pos2d_scale=recipe.pos2d_scale, feature_layer=recipe.feature_layer,
                     mrope=recipe.mrope and inline, pos_lm=pos_lm, pos_lm_keys=recipe.pos_lm_keys or inline,
                     pos_lm_fixed=recipe.pos_lm_fixed and pos_lm, pos_lm_dims=recipe.pos_lm_dims if pos_lm else 0,
+                    place_readout=recipe.place_readout and not inline,
                     ground_layer=recipe.ground_layer if grounded(recipe, mode) else None,
                     image_first=recipe.image_first and not inline, pointer="answer" if inline else recipe.pointer)
     return VLM(cfg, vision=copy.deepcopy(vision), lm=copy.deepcopy(lm))
