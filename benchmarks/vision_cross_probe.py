@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vit", default=None, help="start from this CLIP-trained ViT of the recipe (vit_<key>.safetensors)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-every", type=int, default=250, help="joint steps between step lines")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,11 +67,11 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     lm = Transformer(ModelConfig(vocab_size=tok.padded_vocab_size(), **recipe.text))
     vlm = build_vlm(recipe, "cross", tok, vit, lm)
-    align, joint = vlm_stages(recipe, "cross")
-    joint = replace(joint, steps=args.steps, mix=Mix(qa=1.0, qa_types=types, ground=joint.ground_weight > 0))
+    align, *joints = vlm_stages(replace(recipe, steps_joint=args.steps), "cross")  # two with curriculum_n
+    joints = [replace(j, mix=Mix(qa=1.0, qa_types=types, ground=j.ground_weight > 0)) for j in joints]
     data = DataConfig(batch_size=recipe.batch_size, n_range=recipe.n_train, image_size=recipe.image_size,
                       max_len=recipe.text["max_seq_len"] + 1)
-    stages = train_vlm(vlm, tok, [align, joint], data, log=print, log_every=250, pool=pool)
+    stages = train_vlm(vlm, tok, [align, *joints], data, log=print, log_every=args.log_every, pool=pool)
     res = eval_vqa(vlm, tok, recipe.n_eval, args.per_type, types=types, log=print)
     row = {"name": args.name, "set": args.set, "vit": args.vit, "steps": args.steps, "types": types, "seed": args.seed,
            "by_n": res["by_n"], "loss": stages[-1]["loss"], "seconds": round(time.perf_counter() - t0, 1),

@@ -2,6 +2,7 @@
 `omnigpt vision` commands."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -60,6 +61,42 @@ def test_recipe_vlm_options_reach_the_model():
     pixels = torch.randn(1, 3, r.image_size, r.image_size)
     with torch.no_grad():
         assert not torch.allclose(inline.encode_images(pixels), last.encode_images(pixels))  # another block's tokens
+
+
+def test_curriculum_trains_first_on_scenes_of_few_objects():
+    from omnigpt.config import ModelConfig
+    from omnigpt.data.vision_samples import ScenePool, shapebind_tokenizer
+    from omnigpt.model.transformer import Transformer
+    from omnigpt.model.vision import ViT, VisionConfig
+    from omnigpt.train.vlm import DataConfig, train_stage
+
+    r = toy_recipe().override(["curriculum_n=2", "curriculum_frac=0.25", "steps_joint=8", "budget_joint_s=40"])
+    align, few, rest = vlm_stages(r, "cross")
+    assert (few.name, few.n_range, few.steps, few.budget_s) == ("joint_few", (1, 2), 2, 10.0)
+    assert (rest.name, rest.n_range, rest.steps, rest.budget_s) == ("joint", None, 6, 30.0)
+    assert few.ground_weight == rest.ground_weight == r.ground_weight and align.n_range is None
+    for bad in (["curriculum_n=4"], ["curriculum_n=2", "curriculum_frac=1"]):  # n_train is (1, 4): nothing would follow
+        with pytest.raises(ValueError, match="curriculum_n="):
+            vlm_stages(r.override(bad), "cross")
+
+    class CountingPool(ScenePool):  # the scenes the stages draw, by their number of objects
+        seen: list[int] = []
+
+        def draw(self, rng, n_range):
+            scene, image = super().draw(rng, n_range)
+            self.seen.append(len(scene.objects))
+            return scene, image
+
+    tok = shapebind_tokenizer()
+    pool = CountingPool(r.pool_scenes, r.n_train, r.image_size, "pool")
+    vision = ViT(VisionConfig(image_size=r.image_size, pool="mean", **r.vision))
+    vlm = build_vlm(r, "cross", tok, vision, Transformer(ModelConfig(vocab_size=tok.padded_vocab_size(), **r.text)))
+    data = DataConfig(batch_size=r.batch_size, n_range=r.n_train, image_size=r.image_size, max_len=r.text["max_seq_len"] + 1)
+    for stage, most in ((few, 2), (rest, 4)):
+        pool.seen.clear()
+        train_stage(vlm, replace(stage, budget_s=None), tok, data, image_tokens=vlm.cfg.image_tokens,
+                    vision_cfg=vlm.cfg.vision, log=lambda *a: None, pool=pool)
+        assert pool.seen and max(pool.seen) == most
 
 
 def test_recipe_end_to_end(tmp_path):

@@ -4,7 +4,8 @@ A stage trains some parts of the model on a mixture of sample kinds (omnigpt.dat
     warmup  the LM alone on scene text (captions, questions with answers), no images;
     align   connector alignment: only the connector (+ resampler and gated cross-attention blocks) learns, the
             vision encoder and the LM are frozen; image-caption documents and captions;
-    joint   joint fine-tuning of the listed parts on questions, captions, two-image turns, documents.
+    joint   joint fine-tuning of the listed parts on questions, captions, two-image turns, documents (with
+            Recipe.curriculum_n, preceded by "joint_few": the same on scenes of few objects).
 Each stage has its own AdamW (omnigpt.train.optim) with linear warmup and cosine decay to 10%, over a number of
 steps or over a time budget (then the schedule follows elapsed time, and two models given the same budget get the
 same GPU time: "the same compute"). Loss: mean over samples of each sample's mean token loss, so that a one-word
@@ -51,6 +52,7 @@ class Stage:
     vision_lr_scale: float = 1.0  # the vision tower's learning rate is lr * this (pre-trained features drift less)
     ground_weight: float = 0.0  # loss += this * the grounding loss (needs mix.ground and a VLM with ground_layer set)
     compile: bool = False  # each block through torch.compile (compiled_blocks); its compile time counts in budget_s
+    n_range: tuple[int, int] | None = None  # scenes of this many objects (None: DataConfig.n_range)
 
 
 @dataclass
@@ -194,7 +196,7 @@ def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, 
     if isinstance(model, VLM):  # the layout and labels this model was built for
         mix = replace(mix, image_first=model.cfg.image_first, mentions=model.cfg.pointer != "answer")
     stream = SampleStream(tok, image_tokens, mix, data.batch_size, seed=zlib.crc32(f"{data.seed}:{stage.name}".encode()),
-                          n_range=data.n_range, image_size=data.image_size, max_len=data.max_len, pool=pool,
+                          n_range=stage.n_range or data.n_range, image_size=data.image_size, max_len=data.max_len, pool=pool,
                           ground_grid=ground_grid)
     it = batches(stream, data.workers)
     autocast = autocast_for(device)
@@ -333,6 +335,8 @@ class Recipe:
     image_first: bool = False  # cross: images before the question in the user turn (Flamingo's layout; VLMConfig.image_first)
     pointer: str = "answer"  # cross: where the pointer heads learn to find the named objects (VLMConfig.pointer)
     compile: bool = False  # joint stage through torch.compile (Stage.compile; more steps in its time budget on a GPU)
+    curriculum_n: int = 0  # joint stage: first train on scenes of at most this many objects (0: none; see vlm_stages)
+    curriculum_frac: float = 0.3  # ... for this share of the joint stage's steps and time budget
 
     def override(self, pairs: list[str]) -> Recipe:
         """FIELD=VALUE pairs, VALUE in JSON (numbers, null, lists, objects): omnigpt.config.override_fields."""
@@ -377,9 +381,24 @@ def vlm_stages(recipe: Recipe, mode: str = "inline") -> list[Stage]:
     joint_parts = ("connector", "lm", "vision") if recipe.train_vision else ("connector", "lm")
     lr = recipe.lr * (recipe.cross_lr_scale if mode == "cross" else 1.0)
     ground = recipe.ground_weight if grounded(recipe, mode) else 0.0
-    return [Stage("align", recipe.steps_align, lr, ("connector",), ALIGN_MIX, budget_s=recipe.budget_align_s),
-            Stage("joint", recipe.steps_joint, lr, joint_parts, replace(JOINT_MIX, ground=ground > 0), budget_s=recipe.budget_joint_s,
-                  vision_lr_scale=recipe.vision_lr_scale, ground_weight=ground, compile=recipe.compile)]
+    joint = Stage("joint", recipe.steps_joint, lr, joint_parts, replace(JOINT_MIX, ground=ground > 0), budget_s=recipe.budget_joint_s,
+                  vision_lr_scale=recipe.vision_lr_scale, ground_weight=ground, compile=recipe.compile)
+    stages = [Stage("align", recipe.steps_align, lr, ("connector",), ALIGN_MIX, budget_s=recipe.budget_align_s)]
+    if not recipe.curriculum_n:
+        return stages + [joint]
+    # Few objects first: at large N a question's object is found only by binding its named shape or colour, so before
+    # the model can find it, a colour answer's gradient reads the wrong object as often as not; with cross fusion
+    # and a ViT weak on shape, colour was then never learned (runs 31-33, benchmarks/RESULTS.md)
+    lo, hi = recipe.n_train
+    if not lo <= recipe.curriculum_n < hi or not 0 < recipe.curriculum_frac < 1:
+        raise ValueError(f"curriculum_n={recipe.curriculum_n} must lie in [{lo}, {hi}) (n_train) and "
+                         f"curriculum_frac={recipe.curriculum_frac} in (0, 1)")
+    f = recipe.curriculum_frac
+    share = lambda total, frac: None if total is None else total * frac  # noqa: E731
+    first = replace(joint, name="joint_few", steps=max(1, round(joint.steps * f)), budget_s=share(joint.budget_s, f),
+                    n_range=(lo, recipe.curriculum_n))
+    rest = replace(joint, steps=max(1, joint.steps - first.steps), budget_s=share(joint.budget_s, 1 - f))
+    return stages + [first, rest]
 
 
 def pretrain_clip(recipe: Recipe, tok, pool, device: torch.device, log=print, metrics_path: str | None = None):
