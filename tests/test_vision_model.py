@@ -418,8 +418,9 @@ def test_generation_with_images_matches_full_forward(tok, fusion):
 def test_save_load_round_trip(tok, tmp_path):
     for fusion, kw in (("inline", {}), ("cross", {}), ("mrope", dict(mrope=True, pos_lm=True, pos2d_scale=2.0)),
                        ("halo", dict(resampler_grid=True, resampler_halo=1, halo_keys_only=True)),
-                       ("two_hop", dict(resampler_grid=True, resampler_halo=1, two_hop=True))):
-        vlm = make_vlm(tok, "cross" if fusion in ("cross", "halo", "two_hop") else "inline", **kw)
+                       ("two_hop", dict(resampler_grid=True, resampler_halo=1, two_hop=True)),
+                       ("place_readout", dict(resampler_grid=True, resampler_halo=1, two_hop=True, place_readout=True))):
+        vlm = make_vlm(tok, "inline" if fusion in ("inline", "mrope") else "cross", **kw)
         with torch.no_grad():
             for p in vlm.parameters():
                 p.add_(torch.randn_like(p) * 0.01)  # gates included
