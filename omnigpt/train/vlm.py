@@ -388,16 +388,15 @@ def vlm_stages(recipe: Recipe, mode: str = "inline") -> list[Stage]:
         return stages + [joint]
     # Few objects first: at large N a question's object is found only by binding its named shape or colour, so before
     # the model can find it, a colour answer's gradient reads the wrong object as often as not; with cross fusion
-    # and a ViT weak on shape, colour was then never learned (runs 31-33, benchmarks/RESULTS.md)
+    # and a ViT weak on shape, colour was then never learned (runs 31-34 and the CPU pair, benchmarks/RESULTS.md)
     lo, hi = recipe.n_train
     if not lo <= recipe.curriculum_n < hi or not 0 < recipe.curriculum_frac < 1:
         raise ValueError(f"curriculum_n={recipe.curriculum_n} must lie in [{lo}, {hi}) (n_train) and "
                          f"curriculum_frac={recipe.curriculum_frac} in (0, 1)")
-    f = recipe.curriculum_frac
-    share = lambda total, frac: None if total is None else total * frac  # noqa: E731
-    first = replace(joint, name="joint_few", steps=max(1, round(joint.steps * f)), budget_s=share(joint.budget_s, f),
-                    n_range=(lo, recipe.curriculum_n))
-    rest = replace(joint, steps=max(1, joint.steps - first.steps), budget_s=share(joint.budget_s, 1 - f))
+    f, budget = recipe.curriculum_frac, joint.budget_s
+    first = replace(joint, name="joint_few", steps=max(1, round(joint.steps * f)), n_range=(lo, recipe.curriculum_n),
+                    budget_s=None if budget is None else budget * f)
+    rest = replace(joint, steps=max(1, joint.steps - first.steps), budget_s=None if budget is None else budget - first.budget_s)
     return stages + [first, rest]
 
 
