@@ -112,6 +112,30 @@ def test_clip_caption_styles(tok):
         dataclasses.replace(tc, hard_negatives=0.5, shape_negatives=0.6)
 
 
+def test_object_shape_accuracy_counts_only_the_patches_on_objects(tok):
+    from omnigpt.train.clip import CaptionStream, CLIPTrainConfig, object_shape_accuracy
+
+    torch.manual_seed(0)
+    clip = CLIP(CLIPConfig(VC, TextTowerConfig(vocab_size=tok.padded_vocab_size(), max_len=64, d_model=32, n_layers=1,
+                                               n_heads=2, d_ff=64), 16))
+    batch = next(iter(CaptionStream(tok, CLIPTrainConfig(batch_size=8, n_range=(1, 3), image_size=64), label_grid=VC.grid)))
+    labels = batch[4]
+    assert (labels == 0).any() and (labels > 0).any()
+
+    def always(k: int) -> torch.nn.Linear:  # a head that names class k for every patch
+        head = torch.nn.Linear(VC.d_model, 1 + len(sb.SHAPES))
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.zero_()
+            head.bias[k] = 1.0
+        return head
+
+    assert object_shape_accuracy(clip, always(0), batch) == 0.0  # background is right on most patches, and not counted
+    on_object = labels[labels > 0]
+    for k in range(1, 1 + len(sb.SHAPES)):
+        assert object_shape_accuracy(clip, always(k), batch) == pytest.approx((on_object == k).float().mean().item())
+
+
 def grounded_batch(tok, image_tokens: int, grid: int, qtype: str = "where", n: int = 2, question_first: bool = True):
     """A collated batch of three questions whose samples carry their grounding labels on the grid."""
     samples = []

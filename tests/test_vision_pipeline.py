@@ -164,3 +164,4 @@ def test_clip_dense_shape_loss_teaches_the_patches_their_objects_shape():
     p = np.bincount(labels) / len(labels)
     marginal = float(-(p[p > 0] * np.log(p[p > 0])).sum())
     assert res["steps"] == 80 and dense[0] > marginal > res["dense_loss"]
+    assert 0.0 <= res["object_shape_top1"] <= 1.0 and "shape top-1 on object patches" in lines[-1]

@@ -14,6 +14,7 @@ scenes.patch_shapes; the head is dropped after training).
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,10 +130,24 @@ def retrieval_accuracy(model: CLIP, batch) -> float:
     return same[torch.arange(len(best), device=device), best].float().mean().item()
 
 
+@torch.no_grad()
+def object_shape_accuracy(model: CLIP, head: torch.nn.Module, batch) -> float:
+    """The dense shape head's top-1 on the patches that lie on an object (background patches, most of an image and
+    easy, left out): how well the ViT's patches say the shape of what is at them, which a grid resampler's latents
+    need to find an object named by its shape (runs 30-34 in benchmarks/RESULTS.md had top-1 retrieval 0.99 and no shape)."""
+    device = model_device(model)
+    images, _, _, _, shapes_BP = (t.to(device) for t in batch)
+    with autocast_for(device):
+        patches = model.vision(normalize(images, model.cfg.vision)).tokens[:, -shapes_BP.shape[1]:]
+        pred = head(patches).argmax(-1)
+    on_object = shapes_BP > 0
+    return (pred == shapes_BP)[on_object].float().mean().item() if bool(on_object.any()) else math.nan
+
+
 def train_clip(model: CLIP, tok, tc: CLIPTrainConfig, real_pairs=None, log=print, metrics_path: str | None = None,
                pool=None) -> dict:
     """Contrastive training (and with tc.dense_shape the per-patch shape loss, whose head is dropped afterwards);
-    {"steps", "loss", "retrieval_top1" (held out), "seconds"} (+ "dense_loss")."""
+    {"steps", "loss", "retrieval_top1" (held out), "seconds"} (+ "dense_loss", "object_shape_top1" (held out))."""
     device = model_device(model)
     model.train()
     dense = tc.dense_shape > 0
@@ -174,13 +189,15 @@ def train_clip(model: CLIP, tok, tc: CLIPTrainConfig, real_pairs=None, log=print
     if hook is not None:
         hook.remove()
     held_out = CLIPTrainConfig(**{**tc.__dict__, "seed": tc.seed + 10_000, "workers": 0, "real_frac": 0.0})
-    acc = retrieval_accuracy(model, next(iter(CaptionStream(tok, held_out, seed_ns="clip-eval"))))
+    held_batch = next(iter(CaptionStream(tok, held_out, seed_ns="clip-eval", label_grid=model.cfg.vision.grid if dense else 0)))
+    acc = retrieval_accuracy(model, held_batch)
+    shape_acc = object_shape_accuracy(model, head, held_batch) if dense else None
     log(f"[clip] done: {step} steps in {clock.elapsed():.0f}s, loss {loss.item():.4f}; held-out image->caption top-1 "
-        f"in batches of {tc.batch_size}: {acc:.3f}")
+        f"in batches of {tc.batch_size}: {acc:.3f}" + (f"; shape top-1 on object patches {shape_acc:.3f}" if dense else ""))
     if metrics:
         metrics.close()
     res = {"steps": step, "loss": loss.item(), "retrieval_top1": acc, "seconds": clock.elapsed()}
-    return res if dense_loss is None else {**res, "dense_loss": dense_loss.item()}
+    return res if dense_loss is None else {**res, "dense_loss": dense_loss.item(), "object_shape_top1": shape_acc}
 
 
 def save_clip(model: CLIP, out_dir: str, tok=None) -> Path:

@@ -457,7 +457,8 @@ def clip_vit(recipe: Recipe, tok, pool, device: torch.device, log=print, cache_d
     if path.exists() and info.exists():
         vit = vit_from_file(path, recipe)
         res = json.loads(info.read_text())["clip"]
-        log(f"CLIP-trained ViT from {path} (retrieval top-1 {res['retrieval_top1']:.2f}, {res['seconds']:.0f}s to train)")
+        shape = f", shape top-1 on object patches {res['object_shape_top1']:.2f}" if res.get("object_shape_top1") is not None else ""
+        log(f"CLIP-trained ViT from {path} (retrieval top-1 {res['retrieval_top1']:.2f}{shape}, {res['seconds']:.0f}s to train)")
         return vit.to(device), {**res, "from": str(path)}
     vit, res = pretrain_clip(recipe, tok, pool, device, log, metrics_path=metrics_path)
     path.parent.mkdir(parents=True, exist_ok=True)
