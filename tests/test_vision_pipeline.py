@@ -29,6 +29,7 @@ def toy_recipe():
 def test_schedule_and_clock():
     assert lr_at(0, 0.0, 10) == pytest.approx(0.1) and lr_at(10, 0.0, 10) == pytest.approx(1.0)
     assert lr_at(50, 1.0, 10) == pytest.approx(0.1) and lr_at(50, 0.5, 10) == pytest.approx(0.55)
+    assert lr_at(4, 0.5, 10) == pytest.approx(0.5 * 0.55)  # a stage that starts mid-schedule ramps up to where it is
     clock = Clock(steps=100, budget_s=1e-9)
     assert clock.done(0) and clock.progress(0) >= 1.0  # a spent time budget ends the stage
     assert not Clock(steps=100).done(99) and Clock(steps=100).done(100)
@@ -72,8 +73,8 @@ def test_curriculum_trains_first_on_scenes_of_few_objects():
 
     r = toy_recipe().override(["curriculum_n=2", "curriculum_frac=0.25", "steps_joint=8", "budget_joint_s=40"])
     align, few, rest = vlm_stages(r, "cross")
-    assert (few.name, few.n_range, few.steps, few.budget_s) == ("joint_few", (1, 2), 2, 10.0)
-    assert (rest.name, rest.n_range, rest.steps, rest.budget_s) == ("joint", None, 6, 30.0)
+    assert (few.name, few.n_range, few.steps, few.budget_s, few.schedule) == ("joint_few", (1, 2), 2, 10.0, (0.0, 0.25))
+    assert (rest.name, rest.n_range, rest.steps, rest.budget_s, rest.schedule) == ("joint", None, 6, 30.0, (0.25, 1.0))
     assert few.ground_weight == rest.ground_weight == r.ground_weight and align.n_range is None
     for bad in (["curriculum_n=4"], ["curriculum_n=2", "curriculum_frac=1"]):  # n_train is (1, 4): nothing would follow
         with pytest.raises(ValueError, match="curriculum_n="):
@@ -92,11 +93,16 @@ def test_curriculum_trains_first_on_scenes_of_few_objects():
     vision = ViT(VisionConfig(image_size=r.image_size, pool="mean", **r.vision))
     vlm = build_vlm(r, "cross", tok, vision, Transformer(ModelConfig(vocab_size=tok.padded_vocab_size(), **r.text)))
     data = DataConfig(batch_size=r.batch_size, n_range=r.n_train, image_size=r.image_size, max_len=r.text["max_seq_len"] + 1)
+    first_lr = {}
     for stage, most in ((few, 2), (rest, 4)):
         pool.seen.clear()
+        lines = []
         train_stage(vlm, replace(stage, budget_s=None), tok, data, image_tokens=vlm.cfg.image_tokens,
-                    vision_cfg=vlm.cfg.vision, log=lambda *a: None, pool=pool)
+                    vision_cfg=vlm.cfg.vision, log=lines.append, log_every=1, pool=pool)
         assert pool.seen and max(pool.seen) == most
+        first_lr[stage.name] = float(lines[0].split(" lr ")[1].split()[0])
+    # the joint stage's learning rate goes on from a quarter into the cosine, not from its start
+    assert first_lr["joint"] == pytest.approx(few.lr * lr_at(0, 0.25, 1), rel=1e-2) and first_lr["joint"] < 0.9 * few.lr
 
 
 def test_recipe_end_to_end(tmp_path):

@@ -53,6 +53,7 @@ class Stage:
     ground_weight: float = 0.0  # loss += this * the grounding loss (needs mix.ground and a VLM with ground_layer set)
     compile: bool = False  # each block through torch.compile (compiled_blocks); its compile time counts in budget_s
     n_range: tuple[int, int] | None = None  # scenes of this many objects (None: DataConfig.n_range)
+    schedule: tuple[float, float] = (0.0, 1.0)  # the span of one cosine schedule this stage runs (its share of a split stage)
 
 
 @dataclass
@@ -79,10 +80,9 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def lr_at(step: int, progress: float, warmup: int, min_ratio: float = 0.1) -> float:
-    """Linear warmup over `warmup` steps, then cosine from 1 to min_ratio as progress goes 0 -> 1."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    """Cosine from 1 to min_ratio as progress goes 0 -> 1, ramped up linearly over the first `warmup` steps."""
+    ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    return ramp * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 class Clock:
@@ -207,7 +207,8 @@ def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, 
     losses: list[tuple[float, float]] = []  # (progress, loss) every 10 steps
     clock, step = Clock(stage.steps, stage.budget_s), 0
     skipped = bad_run = 0  # steps whose gradients were not finite, in all and in a row
-    warmup = min(stage.warmup, stage.steps // 5)
+    warmup = min(stage.warmup, stage.steps // 5)  # also where a stage goes on from another's schedule: a new AdamW
+    start, end = stage.schedule
 
     def forward_backward(batch):
         with autocast:
@@ -216,7 +217,7 @@ def train_stage(model: torch.nn.Module, stage: Stage, tok, data: DataConfig, *, 
         return loss, ground_loss, loss_B
 
     while not clock.done(step):
-        set_lr(opt, lr_at(step, clock.progress(step), warmup))
+        set_lr(opt, lr_at(step, start + (end - start) * clock.progress(step), warmup))
         batch = next(it).to(device)
         try:
             loss, ground_loss, loss_B = forward_backward(batch)
@@ -395,8 +396,9 @@ def vlm_stages(recipe: Recipe, mode: str = "inline") -> list[Stage]:
                          f"curriculum_frac={recipe.curriculum_frac} in (0, 1)")
     f, budget = recipe.curriculum_frac, joint.budget_s
     first = replace(joint, name="joint_few", steps=max(1, round(joint.steps * f)), n_range=(lo, recipe.curriculum_n),
-                    budget_s=None if budget is None else budget * f)
-    rest = replace(joint, steps=max(1, joint.steps - first.steps), budget_s=None if budget is None else budget - first.budget_s)
+                    budget_s=None if budget is None else budget * f, schedule=(0.0, f))
+    rest = replace(joint, steps=max(1, joint.steps - first.steps), budget_s=None if budget is None else budget - first.budget_s,
+                   schedule=(f, 1.0))  # the learning rate goes on from where joint_few left it
     return stages + [first, rest]
 
 
