@@ -43,9 +43,10 @@ Where an image token is (inline, mlp connector: the L tokens are a gh x gw grid 
   pos_lm_dims=P writes the place into the last P channels (dropping the content there) instead of adding it to all;
 - place_readout (off; cross, grid latents): the latents stay as they are, and each gated cross-attention block
   reads, besides its values, the fixed sin-cos place of the latents it attends to, with the same attention, through
-  its own projection that starts at zero. At init the model is the one without places, which learns colour; the
-  place enters only as far as training asks. (Places added to the values, pos_lm, kept colour from being learned in
-  six of seven runs: RESULTS.md, runs 25-30.)
+  its own projection that starts at zero. At init the model is the one without places; the place enters only as
+  far as training asks. (Built when places in the values, pos_lm, seemed to keep colour from being learned; runs
+  31-32 in RESULTS.md showed that the ViT caused that, with or without places. The second attention over the places
+  recomputes the first one's weights: +5% of a step on the CPU.)
 - mrope (off): M-RoPE (Qwen2-VL) in the LM: image tokens rotate by (temporal, row, column) positions, text by
   (p, p, p), i.e. exactly 1-D RoPE (`mrope_positions`). Applied through forward pre-hooks that swap the layers'
   cos/sin while `VLM.rotary` is active (VLM.forward, and the prefill of generate_vlm; decode steps are text).
