@@ -5,11 +5,12 @@ pre-training of the ViT on scene captions -> for each fusion mode, a VLM from co
 (same seed): connector alignment (ViT and LM frozen), then joint fine-tuning (ViT at 0.1x the learning rate), each
 stage on the same time budget for both modes -> held-out VQA accuracy by question type for N objects -> one table.
 
-Target (GPU, < 9 minutes on one H100/H200, bf16 autocast): >= 95% on color and position questions for N <= 4,
-and the curve up to N = 16, for both modes. Default budgets: CLIP 60 s, per mode 15 s align + 155 s joint, then
-evaluation (~20 s per mode); about 8 minutes in all.
+Target (GPU, one H100/H200, bf16 autocast): >= 95% on color and position questions for N <= 4, and the curve up to
+N = 16, for both modes; met by the default recipe (runs 36-37 in benchmarks/RESULTS.md). Default budgets: CLIP
+150 s, per mode 15 s align + 450 s joint, then evaluation (~20 s per mode); about 19 minutes in all, 9 per mode
+once --vit-cache holds the ViT.
 
-    python benchmarks/vision_shapebind.py                 # the GPU run
+    python benchmarks/vision_shapebind.py --vit-cache runs/vit_cache   # the GPU run
     python benchmarks/vision_shapebind.py --quick --threads 1   # tiny sizes, fixed steps: a CPU check (~6 min)
     python benchmarks/vision_shapebind.py --set budget_joint_s=240 per_type=200
 
@@ -26,7 +27,10 @@ stably for long, and its grounding (a grid resampler and two pointer heads) grou
 colour and position at N >= 2 (runs 10, 12); (7) overlapping resampler windows (resampler_halo=1) lift position to
 76-87% and drop colour to 21-40% at N = 2-4 (run 13); taking only the keys from the overlap (run 14), finer 8 px
 latents with or without a halo (runs 15, 16) and latents that read each other (run 17) did not do better: a latent
-that sees a whole object is found and loses its colour, one that sees only its place keeps it and is not found.
+that sees a whole object is found and loses its colour, one that sees only its place keeps it and is not found;
+(8) two overlapping looks (two_hop), a ViT whose patches say their shape (clip_dense_shape, CLIP long enough) and
+the latents' places read beside their values (place_readout) meet the target for cross fusion (run 36); places
+added to the values block colour (runs 25-35).
 Results: the table on stdout, JSON + checkpoints in --out (default runs/vision_shapebind).
 """
 

@@ -44,9 +44,11 @@ Where an image token is (inline, mlp connector: the L tokens are a gh x gw grid 
 - place_readout (off; cross, grid latents): the latents stay as they are, and each gated cross-attention block
   reads, besides its values, the fixed sin-cos place of the latents it attends to, with the same attention, through
   its own projection that starts at zero. At init the model is the one without places; the place enters only as
-  far as training asks. (Built when places in the values, pos_lm, seemed to keep colour from being learned; runs
-  31-32 in RESULTS.md showed that the ViT caused that, with or without places. The second attention over the places
-  recomputes the first one's weights: +5% of a step on the CPU.)
+  far as training asks. With a ViT strong on shape it is what made cross fusion meet the ShapeBind target
+  (run 36 in RESULTS.md: colour 100%, position 99-100% at N <= 4), where places added to the values (pos_lm)
+  kept colour from being learned (run 35). The recipe turns it on (train.vlm.Recipe); the config default stays
+  off, so checkpoints saved without it load as they were. The second attention over the places recomputes the
+  first one's weights: +5% of a step on the CPU.
 - mrope (off): M-RoPE (Qwen2-VL) in the LM: image tokens rotate by (temporal, row, column) positions, text by
   (p, p, p), i.e. exactly 1-D RoPE (`mrope_positions`). Applied through forward pre-hooks that swap the layers'
   cos/sin while `VLM.rotary` is active (VLM.forward, and the prefill of generate_vlm; decode steps are text).

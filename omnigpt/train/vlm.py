@@ -286,13 +286,14 @@ def warmup_lm(lm: torch.nn.Module, tok, steps: int, data: DataConfig, lr: float 
 # ---- the recipe ------------------------------------------------------------------------------------------------
 @dataclass
 class Recipe:
-    """Sizes, steps and budgets of a ShapeBind run. The default is the GPU run (one H100/H200, ~8 minutes for
-    both fusion modes); `quick_recipe()` is a tiny CPU version."""
+    """Sizes, steps and budgets of a ShapeBind run. The default is the GPU run that met the target in both fusion
+    modes (runs 36-37 in benchmarks/RESULTS.md: one H100, CLIP 150 s once, then ~8.5 minutes per mode);
+    `quick_recipe()` is a tiny CPU version."""
 
     image_size: int = 128
     n_train: tuple[int, int] = (1, 16)
     n_eval: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16)
-    per_type: int = 60
+    per_type: int = 100
     vision: dict = field(default_factory=lambda: dict(patch_size=8, d_model=256, n_layers=6, n_heads=8, d_ff=1024))
     text: dict = field(default_factory=lambda: dict(d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, d_ff=1024, max_seq_len=384))
     pixel_shuffle: int = 2  # inline: (128/8/2)^2 = 64 tokens per image
@@ -306,11 +307,11 @@ class Recipe:
     steps_lm: int = 0  # LM warm-up on scene text (0: none; in short runs it slowed cross-attention grounding)
     steps_align: int = 100_000
     steps_joint: int = 100_000
-    budget_clip_s: float | None = 60.0
+    budget_clip_s: float | None = 150.0  # 60 s left the ViT weak on shape in some runs (runs 28, 30)
     budget_align_s: float | None = 15.0
-    budget_joint_s: float | None = 155.0
+    budget_joint_s: float | None = 450.0
     workers: int = 10
-    pool_scenes: int = 60_000  # rendered once, shared by every stage (evaluation scenes are fresh)
+    pool_scenes: int = 40_000  # rendered once, shared by every stage (evaluation scenes are fresh)
     train_vision: bool = True  # joint stage: fine-tune the ViT too, at lr * vision_lr_scale
     vision_lr_scale: float = 0.1
     mrope: bool = False  # inline: 2-D rotary (row, column) positions of the image tokens in the LM (VLMConfig.mrope)
@@ -318,21 +319,21 @@ class Recipe:
     pos_lm_keys: bool = True  # cross, pos_lm: False puts the place in the cross-attention values only (VLMConfig.pos_lm_keys)
     pos_lm_fixed: bool = False  # pos_lm: fixed sin-cos places instead of learned ones (VLMConfig.pos_lm_fixed)
     pos_lm_dims: int = 0  # pos_lm: the place replaces the last this-many channels (VLMConfig.pos_lm_dims; 0: added)
-    place_readout: bool = False  # cross: blocks read the attended latents' fixed places too (VLMConfig.place_readout)
+    place_readout: bool = True  # cross: blocks read the attended latents' fixed places too (VLMConfig.place_readout; not with pos_lm)
     pos2d_scale: float = 1.0  # the 2-D sin-cos embedding added before the connector, times this
     feature_layer: int = -1  # ViT block the connector reads (-2: the penultimate, as LLaVA; see vision_token_locality.py)
     clip_captions: str = "plain"  # CLIP stage: "plain" scene captions, or "located" (every object with its grid cell)
     clip_hard_negatives: float = 0.0  # CLIP stage: share of scenes paired in the batch with their rebind twin
     clip_shape_negatives: float = 0.0  # CLIP stage: share paired with a twin whose one object has another shape
-    clip_dense_shape: float = 0.0  # CLIP stage: + this x a per-patch shape loss (CLIPTrainConfig.dense_shape)
-    ground_weight: float = 0.5  # joint stage: + this x the grounding loss (VLMConfig.ground_layer; 0: off)
+    clip_dense_shape: float = 1.0  # CLIP stage: + this x a per-patch shape loss (CLIPTrainConfig.dense_shape)
+    ground_weight: float = 1.0  # joint stage: + this x the grounding loss (VLMConfig.ground_layer; 0: off)
     ground_layer: int = 2  # the LM layer whose output the grounding head (inline) or the grounded block (cross) reads
     resampler_grid: bool = True  # cross: each latent reads one window of patches (a grid the grounding loss can name)
-    resampler_halo: int = 0  # cross: ... and the windows this many cells around it (VLMConfig.resampler_halo)
+    resampler_halo: int = 1  # cross: ... and the windows this many cells around it (VLMConfig.resampler_halo)
     halo_keys_only: bool = False  # cross: the halo for the keys only (VLMConfig.halo_keys_only; worse in run 14)
     latents_see_all: bool = False  # cross: grid latents also read each other (VLMConfig.latents_see_all)
-    window_queries: bool = False  # cross: grid latents start from their own window's mean (VLMConfig.window_queries)
-    two_hop: bool = False  # cross: find the named object on wide latents, read it on narrow ones (VLMConfig.two_hop)
+    window_queries: bool = True  # cross: grid latents start from their own window's mean (VLMConfig.window_queries)
+    two_hop: bool = True  # cross: find the named object on wide latents, read it on narrow ones (VLMConfig.two_hop)
     image_first: bool = False  # cross: images before the question in the user turn (Flamingo's layout; VLMConfig.image_first)
     pointer: str = "answer"  # cross: where the pointer heads learn to find the named objects (VLMConfig.pointer)
     compile: bool = False  # joint stage through torch.compile (Stage.compile; more steps in its time budget on a GPU)
@@ -352,22 +353,24 @@ def quick_recipe() -> Recipe:
                   text=dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, max_seq_len=256),
                   pixel_shuffle=2, n_latents=16, batch_size=32, clip_batch_size=64, lr=2e-3,
                   steps_clip=300, steps_lm=0, steps_align=60, steps_joint=600,
-                  budget_clip_s=None, budget_align_s=None, budget_joint_s=None, workers=0, pool_scenes=3000, ground_layer=0)
+                  budget_clip_s=None, budget_align_s=None, budget_joint_s=None, workers=0, pool_scenes=3000, ground_layer=0,
+                  two_hop=False)  # two looks need grounded blocks after LM layers 1 and 2: a third layer
 
 
 def build_vlm(recipe: Recipe, mode: str, tok, vision, lm) -> VLM:
     """A VLM around copies of `vision` and `lm` (so that several modes can start from the same weights)."""
     inline = mode == "inline"
-    pos_lm = recipe.pos_lm and (inline or recipe.resampler_grid)  # cross latents have places only on a grid
+    grid = recipe.resampler_grid and not inline  # the cross options on latents' windows and places need grid latents
+    pos_lm = recipe.pos_lm and (inline or grid)
     cfg = VLMConfig(vision=vision.cfg, text=lm.cfg, image_id=tok.image_id, fusion=mode, connector="mlp",
                     pixel_shuffle=recipe.pixel_shuffle if inline else 1, n_latents=recipe.n_latents,
-                    resampler_grid=recipe.resampler_grid and not inline, resampler_halo=recipe.resampler_halo if not inline else 0,
-                    halo_keys_only=recipe.halo_keys_only and not inline, latents_see_all=recipe.latents_see_all and not inline,
-                    window_queries=recipe.window_queries and not inline, two_hop=recipe.two_hop and not inline,
+                    resampler_grid=grid, resampler_halo=recipe.resampler_halo if grid else 0,
+                    halo_keys_only=recipe.halo_keys_only and grid, latents_see_all=recipe.latents_see_all and grid,
+                    window_queries=recipe.window_queries and grid, two_hop=recipe.two_hop and grid and not recipe.halo_keys_only,
                     cross_every=recipe.cross_every, pos2d_scale=recipe.pos2d_scale, feature_layer=recipe.feature_layer,
                     mrope=recipe.mrope and inline, pos_lm=pos_lm, pos_lm_keys=recipe.pos_lm_keys or inline,
                     pos_lm_fixed=recipe.pos_lm_fixed and pos_lm, pos_lm_dims=recipe.pos_lm_dims if pos_lm else 0,
-                    place_readout=recipe.place_readout and not inline,
+                    place_readout=recipe.place_readout and grid and not pos_lm,  # pos_lm's places are in the latents
                     ground_layer=recipe.ground_layer if grounded(recipe, mode) else None,
                     image_first=recipe.image_first and not inline, pointer="answer" if inline else recipe.pointer)
     return VLM(cfg, vision=copy.deepcopy(vision), lm=copy.deepcopy(lm))
@@ -437,6 +440,19 @@ def vit_from_file(path: str | os.PathLike, recipe: Recipe):
     return vit
 
 
+def vit_cache_fields(recipe: Recipe) -> dict:
+    """The recipe's CLIP settings: two recipes that agree on them share one cached ViT (clip_vit)."""
+    fields = {k: getattr(recipe, k) for k in ("image_size", "vision", "n_train", "steps_clip", "budget_clip_s",
+                                              "clip_batch_size", "lr", "clip_captions", "clip_hard_negatives")}
+    for k in ("clip_shape_negatives", "clip_dense_shape"):  # only when set: the ViTs cached before these keep their keys
+        if getattr(recipe, k):
+            fields[k] = getattr(recipe, k)
+    for k in ("budget_clip_s", "lr", "clip_hard_negatives", "clip_shape_negatives", "clip_dense_shape"):
+        if isinstance(fields.get(k), int):  # --set budget_clip_s=150 and the default 150.0 are the same ViT
+            fields[k] = float(fields[k])
+    return fields
+
+
 def clip_vit(recipe: Recipe, tok, pool, device: torch.device, log=print, cache_dir: str | os.PathLike | None = None,
              metrics_path: str | None = None):
     """(the recipe's CLIP-trained ViT, train_clip's result). With cache_dir: the ViT of the same CLIP settings from
@@ -449,11 +465,7 @@ def clip_vit(recipe: Recipe, tok, pool, device: torch.device, log=print, cache_d
 
     if cache_dir is None:
         return pretrain_clip(recipe, tok, pool, device, log, metrics_path=metrics_path)
-    fields = {k: getattr(recipe, k) for k in ("image_size", "vision", "n_train", "steps_clip", "budget_clip_s",
-                                              "clip_batch_size", "lr", "clip_captions", "clip_hard_negatives")}
-    for k in ("clip_shape_negatives", "clip_dense_shape"):  # only when set: the ViTs cached before these keep their keys
-        if getattr(recipe, k):
-            fields[k] = getattr(recipe, k)
+    fields = vit_cache_fields(recipe)
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
     path, info = Path(cache_dir) / f"vit_{key}.safetensors", Path(cache_dir) / f"vit_{key}.json"
     if path.exists() and info.exists():
