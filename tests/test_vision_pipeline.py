@@ -147,11 +147,10 @@ def test_clip_vit_cache_trains_once_per_setting(tmp_path):
         assert b.dtype == torch.float32
         torch.testing.assert_close(b, a.to(torch.bfloat16).float(), rtol=0, atol=0, msg=name)
     # another CLIP setting is another ViT; a setting CLIP does not read (the LM's) shares it, as does the same
-    # number spelled as an int (--set clip_dense_shape=1 for the default 1.0)
-    assert r.clip_dense_shape == 1.0
+    # number spelled as an int (--set clip_hard_negatives=0 for the default 0.0)
     clip_vit(r.override(["steps_clip=2"]), tok, pool, cpu, log=lines.append, cache_dir=tmp_path)
     clip_vit(r.override(['text={"d_model": 64, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64, "max_seq_len": 192}',
-                         "clip_dense_shape=1"]), tok, pool, cpu, log=lines.append, cache_dir=tmp_path)
+                         "clip_hard_negatives=0"]), tok, pool, cpu, log=lines.append, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("vit_*.safetensors"))) == 2 and sum("CLIP-trained ViT from" in line for line in lines) == 2
 
 

@@ -354,7 +354,8 @@ def quick_recipe() -> Recipe:
                   pixel_shuffle=2, n_latents=16, batch_size=32, clip_batch_size=64, lr=2e-3,
                   steps_clip=300, steps_lm=0, steps_align=60, steps_joint=600,
                   budget_clip_s=None, budget_align_s=None, budget_joint_s=None, workers=0, pool_scenes=3000, ground_layer=0,
-                  two_hop=False)  # two looks need grounded blocks after LM layers 1 and 2: a third layer
+                  two_hop=False,  # two looks need grounded blocks after LM layers 1 and 2: a third layer
+                  ground_weight=0.5, clip_dense_shape=0.0)  # the CPU figures and the README's examples were made so
 
 
 def build_vlm(recipe: Recipe, mode: str, tok, vision, lm) -> VLM:
