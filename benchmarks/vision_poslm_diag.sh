@@ -6,7 +6,7 @@
 # The ViT comes from runs/vit_cache (carry it); without one there, the CLIP stage runs first ($CLIP_S seconds, default
 # 150; again if its held-out top-1 is below 0.99 or its dense head's shape top-1 on object patches below 0.8) and its
 # ViT is copied to $OUT/vit_cache, to carry into the next call. (One archive: the device brings back only a few files.)
-# 60 s of CLIP gave ViTs of shape top-1 anywhere from strong (run 24) to weak (run 30): runs 31-35 in RESULTS.md.
+# 60 s of CLIP gave ViTs anywhere from strong on shape (run 24) to weak (runs 28, 30); 150 s gave 0.96 (run 35).
 set -u
 J=$1; P=$2; shift 2
 W=$(( $# > 0 ? 15 / $# : 10 )); [ $W -gt 10 ] && W=10  # data workers per arm: the device has 16 cores
