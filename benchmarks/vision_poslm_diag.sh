@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Arms of run 24's recipe (two_hop, dense-shape CLIP), side by side on one GPU from one CLIP-trained ViT (runs 26+ in
-# RESULTS.md). Each arm is a name and its recipe overrides, e.g.
+# Arms of the default recipe (run 36's: two_hop, dense-shape CLIP, place_readout), side by side on one GPU from one
+# CLIP-trained ViT (runs 26+ in RESULTS.md; before run 36 the script set those, then not the defaults). Each arm
+# is a name and its recipe overrides, e.g.
 #   bash benchmarks/vision_poslm_diag.sh 400 100 "B:pos_lm=true" "C:pos_lm=true pos_lm_keys=false"
 # (joint seconds, questions per cell, arms) -> $OUT/arms.tgz: <name>.log, <name>_summary.json, <name>_metrics.jsonl.
 # The ViT comes from runs/vit_cache (carry it); without one there, the CLIP stage runs first ($CLIP_S seconds, default
@@ -10,7 +11,7 @@
 set -u
 J=$1; P=$2; shift 2
 W=$(( $# > 0 ? 15 / $# : 10 )); [ $W -gt 10 ] && W=10  # data workers per arm: the device has 16 cores
-C="budget_joint_s=$J per_type=$P workers=$W pool_scenes=40000 resampler_halo=1 two_hop=true window_queries=true ground_weight=1.0 clip_dense_shape=1.0 budget_clip_s=${CLIP_S:-150}"
+C="budget_joint_s=$J per_type=$P workers=$W budget_clip_s=${CLIP_S:-150}"  # the rest: Recipe's defaults (run 36's recipe)
 A=/tmp/arms; mkdir -p $A runs/vit_cache && chmod -R u+rw runs/vit_cache
 weak_vit() { python3 -c "import glob, json, sys; c = json.load(open(glob.glob('runs/vit_cache/vit_*.json')[0]))['clip']
 print('CLIP:', {k: v for k, v in c.items() if not isinstance(v, (list, dict))})

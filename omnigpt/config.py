@@ -179,7 +179,8 @@ def override_fields(config, pairs: list[str]):
     VALUE is JSON (numbers, true, null, lists, objects) or, when it does not parse, a plain string. A list for a
     tuple field becomes a tuple. An unknown field, or a value of the wrong kind for the field's current value
     (a string for a number, a number for a flag), raises ValueError naming it; null is accepted anywhere."""
-    names = [f.name for f in dataclasses.fields(config)]
+    types = {f.name: f.type for f in dataclasses.fields(config)}
+    names = list(types)
     changes = {}
     for item in pairs:
         key, eq, raw = item.partition("=")
@@ -199,5 +200,7 @@ def override_fields(config, pairs: list[str]):
               or (not isinstance(old, (bool, *number)) and isinstance(value, type(old))))
         if not ok:
             raise ValueError(f"{key}={raw!r}: expected {type(old).__name__} (current value {old!r})")
+        if type(value) is int and (isinstance(old, float) or "float" in str(types[key])):
+            value = float(value)  # a float field holds a float: budget_clip_s=150 is the default 150.0 (cache keys)
         changes[key] = value
     return dataclasses.replace(config, **changes)

@@ -220,6 +220,8 @@ def test_field_overrides_parse_json_and_name_bad_input():
     r = override_fields(base, ["budget_joint_s=null", "n_train=[1,4]", "mrope=true", "lr=2e-3", 'vision={"d_model": 8}'])
     assert (r.budget_joint_s, r.n_train, r.mrope, r.lr, r.vision) == (None, (1, 4), True, 2e-3, {"d_model": 8})
     assert base.budget_joint_s == 450.0 and base.n_train == (1, 16)  # the original is left as it was
+    clip = override_fields(base, ["budget_clip_s=150", "workers=4"])  # a whole number for a float field is a float
+    assert (type(clip.budget_clip_s), clip.budget_clip_s, type(clip.workers)) == (float, 150.0, int)
     assert override_fields(RopeScaling(), ["kind=llama3", "factor=8"]) == RopeScaling("llama3", 8)  # strings need no quotes
     for bad, named in (("depth=4", "depth"), ("lr", "'lr'"), ("lr=fast", "lr='fast'"), ("mrope=1", "mrope='1'"),
                        ("n_train=3", "n_train='3'")):

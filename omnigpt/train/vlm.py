@@ -441,19 +441,6 @@ def vit_from_file(path: str | os.PathLike, recipe: Recipe):
     return vit
 
 
-def vit_cache_fields(recipe: Recipe) -> dict:
-    """The recipe's CLIP settings: two recipes that agree on them share one cached ViT (clip_vit)."""
-    fields = {k: getattr(recipe, k) for k in ("image_size", "vision", "n_train", "steps_clip", "budget_clip_s",
-                                              "clip_batch_size", "lr", "clip_captions", "clip_hard_negatives")}
-    for k in ("clip_shape_negatives", "clip_dense_shape"):  # only when set: the ViTs cached before these keep their keys
-        if getattr(recipe, k):
-            fields[k] = getattr(recipe, k)
-    for k in ("budget_clip_s", "lr", "clip_hard_negatives", "clip_shape_negatives", "clip_dense_shape"):
-        if isinstance(fields.get(k), int):  # --set budget_clip_s=150 and the default 150.0 are the same ViT
-            fields[k] = float(fields[k])
-    return fields
-
-
 def clip_vit(recipe: Recipe, tok, pool, device: torch.device, log=print, cache_dir: str | os.PathLike | None = None,
              metrics_path: str | None = None):
     """(the recipe's CLIP-trained ViT, train_clip's result). With cache_dir: the ViT of the same CLIP settings from
@@ -466,7 +453,11 @@ def clip_vit(recipe: Recipe, tok, pool, device: torch.device, log=print, cache_d
 
     if cache_dir is None:
         return pretrain_clip(recipe, tok, pool, device, log, metrics_path=metrics_path)
-    fields = vit_cache_fields(recipe)
+    fields = {k: getattr(recipe, k) for k in ("image_size", "vision", "n_train", "steps_clip", "budget_clip_s",
+                                              "clip_batch_size", "lr", "clip_captions", "clip_hard_negatives")}
+    for k in ("clip_shape_negatives", "clip_dense_shape"):  # only when set: the ViTs cached before these keep their keys
+        if getattr(recipe, k):
+            fields[k] = getattr(recipe, k)
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
     path, info = Path(cache_dir) / f"vit_{key}.safetensors", Path(cache_dir) / f"vit_{key}.json"
     if path.exists() and info.exists():
